@@ -1,0 +1,161 @@
+"""Reading SAM-Med3D checkpoints in every format users meet, and writing them safely.
+
+Accepted files:
+
+- the upstream training file: a dict with ``model_state_dict`` (plus optimiser state, ``args``...);
+- ``{"model": state_dict}`` (this bundle's format);
+- a bare state dict.
+
+A ``module.`` prefix (DataParallel / DDP) is stripped. Files are read with ``torch.load(weights_only=True)``;
+the older upstream releases hold pickled Python objects and need ``allow_pickle=True``, which executes
+code from the file: only for files from a trusted source.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+OFFICIAL_WEIGHTS_HINT = (
+    "The official weights are sam_med3d_turbo.pth in the Hugging Face repository blueyo0/SAM-Med3D "
+    "(402 MB); `python bundle/scripts/convert_checkpoint.py --src FILE --dst model.pt` turns any accepted "
+    "file into {'model': state_dict}."
+)
+_WRAPPER_KEYS = ("model_state_dict", "model")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` did with a file's entries."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.shape_mismatches)
+
+    def describe(self, limit: int = 20) -> str:
+        """Human-readable summary naming up to ``limit`` keys of each kind."""
+        lines = [f"{len(self.loaded)} tensors loaded"]
+        for title, keys in (
+            ("missing from the file", self.missing),
+            ("unexpected in the file", self.unexpected),
+            ("shape mismatch", self.shape_mismatches),
+        ):
+            if keys:
+                shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+                lines.append(f"{len(keys)} {title}: {shown}")
+        return "; ".join(lines)
+
+
+def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read any accepted checkpoint file and return its state dict (prefix ``module.`` stripped).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file holds no recognisable state dict, or needs ``allow_pickle=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist. {OFFICIAL_WEIGHTS_HINT}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds pickled Python objects that torch.load(weights_only=True) refuses "
+            "(the older upstream releases do). If you trust the file, pass allow_pickle=True (it runs code "
+            "stored in the file), or convert it once with `python bundle/scripts/convert_checkpoint.py "
+            f"--src {path} --dst model.pt --allow_pickle true`. Detail: {str(err).splitlines()[0]}"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"checkpoint {str(path)!r} could not be read as a PyTorch file: {err}") from err
+    return extract_state_dict(obj, source=str(path))
+
+
+def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint object, with any ``module.`` prefix removed."""
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(
+            f"{source} holds no state dict: expected a dict of tensors, {{'model': ...}} or "
+            f"{{'model_state_dict': ...}}; found {found}"
+        )
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def compare_state_dicts(
+    model_state: Mapping[str, torch.Tensor], file_state: Mapping[str, torch.Tensor]
+) -> LoadReport:
+    """Which file entries fit the model (same name and shape), and which do not."""
+    report = LoadReport()
+    for key, value in file_state.items():
+        if key not in model_state:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(model_state[key].shape):
+            report.shape_mismatches.append(
+                f"{key} (file {tuple(value.shape)}, model {tuple(model_state[key].shape)})"
+            )
+        else:
+            report.loaded.append(key)
+    report.missing = [key for key in model_state if key not in file_state]
+    return report
+
+
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike, strict: bool = True, allow_pickle: bool = False
+) -> LoadReport:
+    """Load an accepted checkpoint file into ``model``.
+
+    Args:
+        model: the network (for example from ``build_sam_med3d``).
+        path: the file.
+        strict: fail unless every model entry is in the file with the same shape and nothing is left over.
+            Without it, the entries that fit are loaded and the rest reported.
+        allow_pickle: read with ``weights_only=False`` (older upstream files; trusted sources only).
+
+    Returns:
+        the :class:`LoadReport`.
+
+    Raises:
+        ValueError: with ``strict``, when keys are missing, unexpected or of another shape (all named).
+    """
+    file_state = read_checkpoint(path, allow_pickle=allow_pickle)
+    report = compare_state_dicts(model.state_dict(), file_state)
+    if strict and not report.ok:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not match {type(model).__name__}: {report.describe()}. "
+            "Is --network_name the variant this file was trained with?"
+        )
+    model.load_state_dict({k: file_state[k] for k in report.loaded}, strict=False)
+    return report
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,60 @@
+"""Small building blocks shared by the SAM-Med3D encoder, prompt encoder and decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LayerNorm3d(nn.Module):
+    """Layer normalisation over the channel axis of a ``(B, C, D, H, W)`` tensor, per voxel.
+
+    Args:
+        num_channels: ``C``.
+        eps: added to the (biased) variance.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.layer_norm over a channels-last view: one fused kernel instead of four reductions.
+        x = x.movedim(1, -1)
+        x = nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        return x.movedim(-1, 1)
+
+
+class MLPBlock(nn.Module):
+    """Two linear layers with an activation in between: ``dim -> mlp_dim -> dim``."""
+
+    def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
+        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (the decoder's hypernetwork and IoU head).
+
+    State-dict keys are ``layers.{i}.weight`` / ``layers.{i}.bias`` as upstream.
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims_in, dims_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x

@@ -1,0 +1,124 @@
+"""The SAM-Med3D prompt encoder: random-Fourier positional encoding, 3D points and a low-res mask prompt.
+
+Two quirks of the released weights are kept on purpose (reference §1):
+
+- the encoding of coordinates ``c`` is ``cat([sin p, cos p, sin p])`` with ``p = 2 pi (2c - 1) G``: the
+  sine block really is repeated;
+- the dense (image) encoding of grid cell ``(i0, i1, i2)`` uses the coordinate vector
+  ``((i1 + .5) / g1, (i0 + .5) / g0, (i2 + .5) / g2)``, axes 0 and 1 swapped with respect to the points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .common import LayerNorm3d
+
+POSITIVE, NEGATIVE, PADDING = 1, 0, -1
+
+
+class PositionEmbeddingRandom3D(nn.Module):
+    """Random-Fourier features of 3D coordinates in ``[0, 1]``.
+
+    The Gaussian matrix ``(3, num_pos_feats)`` is a persistent buffer: checkpoints carry it.
+    """
+
+    def __init__(self, num_pos_feats: int = 128, scale: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn(3, num_pos_feats))
+
+    def encode(self, coords: torch.Tensor) -> torch.Tensor:
+        """``(..., 3)`` coordinates in ``[0, 1]`` -> ``(..., 3 * num_pos_feats)``."""
+        matrix = self.positional_encoding_gaussian_matrix
+        projected = 2 * math.pi * ((2 * coords - 1).to(matrix.dtype) @ matrix)
+        return torch.cat([projected.sin(), projected.cos(), projected.sin()], dim=-1)
+
+    def dense(self, grid: Sequence[int]) -> torch.Tensor:
+        """Encoding of every cell centre of a ``grid`` -> ``(C, g0, g1, g2)`` (axes 0 and 1 swapped)."""
+        device = self.positional_encoding_gaussian_matrix.device
+        centres = [(torch.arange(s, device=device, dtype=torch.float32) + 0.5) / s for s in grid]
+        c0, c1, c2 = torch.meshgrid(*centres, indexing="ij")
+        return self.encode(torch.stack([c1, c0, c2], dim=-1)).permute(3, 0, 1, 2)
+
+    def points(self, coords: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
+        """Voxel-centre encoding of ``(B, N, 3)`` points (array order) in an image of ``image_size`` voxels."""
+        size = torch.as_tensor(image_size, dtype=torch.float32, device=coords.device)
+        return self.encode((coords.float() + 0.5) / size)
+
+
+class PromptEncoder3D(nn.Module):
+    """Embeds point and mask prompts for the mask decoder.
+
+    Args:
+        embed_dim: prompt width ``C`` (the image embedding's channels); divisible by 3.
+        mask_in_chans: hidden channels of the mask down-scaling.
+    """
+
+    def __init__(self, embed_dim: int = 384, mask_in_chans: int = 16) -> None:
+        super().__init__()
+        if embed_dim % 3:
+            raise ValueError(f"prompt embed_dim={embed_dim} must be divisible by 3 (sin, cos, sin blocks)")
+        self.embed_dim = embed_dim
+        self.pe_layer = PositionEmbeddingRandom3D(embed_dim // 3)
+        # Index = point label: 0 negative, 1 positive.
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
+        self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
+            LayerNorm3d(mask_in_chans // 4),
+            nn.GELU(),
+            nn.Conv3d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
+            LayerNorm3d(mask_in_chans),
+            nn.GELU(),
+            nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1),
+        )
+        # Never trained upstream (training always passes a mask); kept for checkpoint compatibility only.
+        self.no_mask_embed = nn.Embedding(1, embed_dim)
+
+    def dense_pe(self, grid: Sequence[int]) -> torch.Tensor:
+        """Positional encoding of the image embedding's grid: ``(1, C, g0, g1, g2)``."""
+        return self.pe_layer.dense(grid).unsqueeze(0)
+
+    def embed_points(
+        self, coords: torch.Tensor, labels: torch.Tensor, image_size: Sequence[int]
+    ) -> torch.Tensor:
+        """Sparse prompt tokens.
+
+        Args:
+            coords: ``(B, N, 3)`` float voxel indices of the encoder's input, array order.
+            labels: ``(B, N)``: 1 positive, 0 negative, -1 padding (ignored).
+            image_size: the encoder input's spatial size in voxels.
+
+        Returns:
+            ``(B, N + 1, C)``: one padding token is always appended (the released weights expect it).
+        """
+        b = coords.shape[0]
+        coords = torch.cat([coords.float(), coords.new_zeros(b, 1, 3, dtype=torch.float32)], dim=1)
+        labels = torch.cat([labels, labels.new_full((b, 1), PADDING)], dim=1)[..., None]
+        tokens = self.pe_layer.points(coords, image_size)
+        tokens = torch.where(labels == PADDING, self.not_a_point_embed.weight, tokens)
+        tokens = tokens + (labels == NEGATIVE) * self.point_embeddings[NEGATIVE].weight
+        return tokens + (labels == POSITIVE) * self.point_embeddings[POSITIVE].weight
+
+    def embed_mask(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, 4g0, 4g1, 4g2)`` low-res logits -> dense prompt ``(B, C, g0, g1, g2)``."""
+        return self.mask_downscaling(mask_logits)
+
+    def forward(
+        self,
+        coords: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        mask_logits: torch.Tensor,
+        image_size: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse ``(B, N + 1, C)`` (``(B, 0, C)`` without points) and dense ``(B, C, g0, g1, g2)`` prompts."""
+        dense = self.embed_mask(mask_logits)
+        if coords is None:
+            sparse = dense.new_zeros(dense.shape[0], 0, self.embed_dim)
+        else:
+            sparse = self.embed_points(coords, labels, image_size)
+        return sparse, dense

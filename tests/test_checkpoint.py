@@ -1,0 +1,145 @@
+"""Checkpoint files in every accepted format load strictly; wrong ones fail naming the keys."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, randomize_
+from custom.networks import build_sam_med3d, load_checkpoint, read_checkpoint
+
+
+@pytest.fixture()
+def tiny():
+    return randomize_(build_sam_med3d("sam_med3d_tiny"), seed=3)
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def _upstream_training_file(state: dict) -> dict:
+    """What upstream's trainer saves (without its pickled extras, which are tested separately)."""
+    return {
+        "epoch": 199,
+        "model_state_dict": OrderedDict(state),
+        "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 8e-5, "params": [0, 1]}]},
+        "lr_scheduler_state_dict": {"milestones": {120: 1, 180: 1}, "last_epoch": 199},
+        "losses": [0.9, 0.5],
+        "dices": [0.4, 0.7],
+        "best_loss": 0.5,
+        "best_dice": 0.7,
+    }
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(lambda s: {"model_state_dict": OrderedDict(s)}, id="turbo"),
+        pytest.param(_upstream_training_file, id="upstream-training-file"),
+        pytest.param(lambda s: dict(s), id="bare"),
+        pytest.param(lambda s: {"model": dict(s)}, id="bundle"),
+        pytest.param(lambda s: {"model": {f"module.{k}": v for k, v in s.items()}}, id="ddp-prefix"),
+    ],
+)
+def test_accepted_formats_load_strictly(tiny, tmp_path, wrap):
+    path = tmp_path / "ckpt.pth"
+    torch.save(wrap(tiny.state_dict()), path)
+    fresh = build_sam_med3d("sam_med3d_tiny")
+    report = load_checkpoint(fresh, path)
+    assert report.ok and len(report.loaded) == len(tiny.state_dict())
+    _assert_same_weights(fresh, tiny)
+
+
+def test_released_configuration_turbo_file(tmp_path):
+    """The released layout, 324 tensors, in the turbo file's exact wrapper."""
+    model = build_sam_med3d("sam_med3d")
+    path = tmp_path / "sam_med3d_turbo.pth"
+    torch.save({"model_state_dict": OrderedDict(model.state_dict())}, path)
+    fresh = build_sam_med3d("sam_med3d")
+    report = load_checkpoint(fresh, path)
+    assert len(report.loaded) == 324
+    # the Gaussian PE matrix is a buffer in the file: it must be taken, never re-drawn
+    key = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    assert torch.equal(fresh.state_dict()[key], model.state_dict()[key])
+
+
+def test_pickled_legacy_file_needs_opt_in(tiny, tmp_path):
+    path = tmp_path / "sam_med3d_organ.pth"
+    torch.save({"model_state_dict": tiny.state_dict(), "args": argparse.Namespace(lr=8e-4)}, path)
+    with pytest.raises(ValueError, match="allow_pickle=True") as err:
+        load_checkpoint(build_sam_med3d("sam_med3d_tiny"), path)
+    assert "convert_checkpoint.py" in str(err.value) and str(path) in str(err.value)
+    fresh = build_sam_med3d("sam_med3d_tiny")
+    load_checkpoint(fresh, path, allow_pickle=True)
+    _assert_same_weights(fresh, tiny)
+
+
+def test_mismatch_names_missing_unexpected_and_shapes(tiny, tmp_path):
+    state = dict(tiny.state_dict())
+    del state["mask_decoder.iou_token.weight"]
+    state["image_encoder.extra.weight"] = torch.zeros(2)
+    state["image_encoder.pos_embed"] = torch.zeros(1, 4, 4, 4, 192)
+    path = tmp_path / "wrong.pt"
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(build_sam_med3d("sam_med3d_tiny"), path)
+    message = str(err.value)
+    assert "1 missing from the file: mask_decoder.iou_token.weight" in message
+    assert "1 unexpected in the file: image_encoder.extra.weight" in message
+    assert "image_encoder.pos_embed (file (1, 4, 4, 4, 192), model (1, 8, 8, 8, 192))" in message
+
+
+def test_wrong_variant_fails_and_non_strict_reports(tiny, tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save({"model": tiny.state_dict()}, path)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_checkpoint(build_sam_med3d("sam_med3d_small"), path)
+    small = build_sam_med3d("sam_med3d_small")
+    report = load_checkpoint(small, path, strict=False)
+    assert "image_encoder.blocks.5.attn.qkv.weight" in report.missing  # tiny has 4 blocks, small 6
+    assert "image_encoder.blocks.0.attn.qkv.weight (file (576, 192), model (1152, 384))" in report.shape_mismatches
+    assert "prompt_encoder.mask_downscaling.0.weight" in report.loaded  # same shape in both: taken
+    assert torch.equal(
+        small.state_dict()["prompt_encoder.mask_downscaling.0.weight"],
+        tiny.state_dict()["prompt_encoder.mask_downscaling.0.weight"],
+    )
+
+
+def test_missing_file_and_non_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="blueyo0/SAM-Med3D"):
+        read_checkpoint(tmp_path / "nope.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth"):
+        read_checkpoint(tmp_path / "junk.pth")
+    torch.save({"epoch": 3, "losses": [1.0]}, tmp_path / "nostate.pth")
+    with pytest.raises(ValueError, match="holds no state dict"):
+        read_checkpoint(tmp_path / "nostate.pth")
+
+
+def test_convert_script_writes_weights_only_file(tiny, tmp_path):
+    src = tmp_path / "legacy.pth"
+    torch.save({"model_state_dict": tiny.state_dict(), "args": argparse.Namespace(lr=1.0)}, src)
+    dst = tmp_path / "out" / "model.pt"
+    cmd = [sys.executable, str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"), "--src", str(src), "--dst", str(dst)]
+    result = subprocess.run(cmd + ["--network_name", "sam_med3d_tiny"], capture_output=True, text=True)
+    assert result.returncode != 0 and "allow_pickle" in result.stderr
+    assert not dst.exists()
+    result = subprocess.run(
+        cmd + ["--network_name", "sam_med3d_tiny", "--allow_pickle", "true"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = torch.load(dst, weights_only=True)
+    assert set(loaded) == {"model"}
+    assert [p.name for p in dst.parent.iterdir()] == ["model.pt"]  # no temporary file left behind
+    fresh = build_sam_med3d("sam_med3d_tiny")
+    load_checkpoint(fresh, dst)
+    _assert_same_weights(fresh, tiny)

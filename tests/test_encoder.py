@@ -1,0 +1,49 @@
+"""The exact closed form of the padded-window attention, and the encoder's input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SMALL_SETTINGS, randomize_
+from custom.networks import build_sam_med3d
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _encode_both_ways(model, image):
+    with torch.no_grad():
+        model.image_encoder.set_fast_window_attention(True)
+        fast = model.encode(image)
+        model.image_encoder.set_fast_window_attention(False)
+        try:
+            padded = model.encode(image)
+        finally:
+            model.image_encoder.set_fast_window_attention(True)
+    return fast, padded
+
+
+def test_fast_window_attention_is_exact_on_the_released_configuration(full_model):
+    image = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(0))
+    fast, padded = _encode_both_ways(full_model, image)
+    assert _relative_error(fast, padded) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 48, 64, 32), (1, 1, 96, 96, 96)])
+def test_fast_window_attention_is_exact_on_other_grids(shape):
+    # (3, 4, 2) fits in the window of 6 with padding; (6, 6, 6) fills it exactly (no padded keys)
+    model = randomize_(build_sam_med3d("sam_med3d", **SMALL_SETTINGS), seed=4).eval()
+    image = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    fast, padded = _encode_both_ways(model, image)
+    assert fast.shape == (shape[0], 48, shape[2] // 16, shape[3] // 16, shape[4] // 16)
+    assert _relative_error(fast, padded) < 1e-5
+
+
+def test_encoder_rejects_bad_shapes():
+    model = build_sam_med3d("sam_med3d", **SMALL_SETTINGS)
+    with pytest.raises(ValueError, match=r"\(1, 64, 64, 64\)"):
+        model.encode(torch.zeros(1, 64, 64, 64))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        model.encode(torch.zeros(1, 1, 64, 60, 64))
