@@ -1,0 +1,213 @@
+"""Cases to segment: parsing ``input_dict`` / datalist entries, and a dataset that survives a bad case.
+
+A case is a dict with an ``image`` (NIfTI, NRRD/MHA or a DICOM series folder) and its prompts, either for
+one object::
+
+    {"image": "ct.nii.gz", "points": [[i, j, k], ...], "point_labels": [1, 0, ...]}
+
+(``points_world`` instead of ``points`` gives millimetres in RAS world coordinates), or for several::
+
+    {"image": "ct.nii.gz", "objects": [{"label": 1, "points": ..., "point_labels": ...}, ...]}
+
+Voxel points are indices of the image as stored on disk, in array order. After :func:`parse_case` every
+case has the form ``{"image": str, "case": str, "objects": [{"label", "points", "point_labels", "space"}]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.data import IterableDataset
+from monai.transforms import apply_transform
+
+logger = logging.getLogger(__name__)
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr", ".dcm")
+
+
+class CaseError(ValueError):
+    """A case that cannot be segmented as given; the message names the case and the value."""
+
+
+def case_name(image_path: str | os.PathLike) -> str:
+    """File name without its image extension (a DICOM folder: the folder's name)."""
+    name = Path(str(image_path).rstrip("/\\")).name
+    for suffix in _NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _check_point_list(case: str, what: str, points: Any, labels: Any) -> tuple[list[list[float]], list[int]]:
+    if not isinstance(points, Sequence) or isinstance(points, str) or len(points) == 0:
+        raise CaseError(f"case {case!r}, {what}: points must be a non-empty list of [i, j, k], got {points!r}")
+    checked = []
+    for point in points:
+        if (
+            not isinstance(point, Sequence)
+            or isinstance(point, str)
+            or len(point) != 3
+            or not all(isinstance(c, (int, float)) and math.isfinite(c) for c in point)
+        ):
+            raise CaseError(f"case {case!r}, {what}: each point needs 3 finite numbers, got {point!r}")
+        checked.append([float(c) for c in point])
+    if labels is None:
+        raise CaseError(f"case {case!r}, {what}: 'point_labels' is missing (1 positive, 0 negative per point)")
+    if not isinstance(labels, Sequence) or isinstance(labels, str) or len(labels) != len(checked):
+        raise CaseError(
+            f"case {case!r}, {what}: {len(checked)} points but point_labels is {labels!r} (one label per point)"
+        )
+    if any(label not in (0, 1) or isinstance(label, bool) for label in labels):
+        raise CaseError(f"case {case!r}, {what}: point_labels must be 0 or 1, got {list(labels)!r}")
+    if 1 not in labels:
+        raise CaseError(f"case {case!r}, {what}: no positive click (label 1); the first one places the crop")
+    return checked, [int(label) for label in labels]
+
+
+def _parse_object(case: str, entry: Mapping[str, Any], label: int, what: str) -> dict[str, Any]:
+    if ("points" in entry) == ("points_world" in entry):
+        raise CaseError(f"case {case!r}, {what}: give exactly one of 'points' (voxels) or 'points_world' (mm)")
+    space = "voxel" if "points" in entry else "world"
+    points, labels = _check_point_list(case, what, entry["points" if space == "voxel" else "points_world"],
+                                       entry.get("point_labels"))
+    parsed = {"label": label, "points": points, "point_labels": labels, "space": space}
+    if "name" in entry:
+        parsed["name"] = str(entry["name"])
+    return parsed
+
+
+def parse_case(entry: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Validate one case and bring it to the normalised form (see the module docstring).
+
+    Args:
+        entry: the user's dict.
+        base_dir: folder that relative image paths are relative to (default: the working directory).
+
+    Raises:
+        CaseError: naming the case and the offending value.
+    """
+    if not isinstance(entry, Mapping) or "image" not in entry:
+        raise CaseError(f"a case must be a dict with an 'image' path, got {entry!r}")
+    image = Path(str(entry["image"])).expanduser()
+    if base_dir is not None and not image.is_absolute():
+        image = Path(base_dir) / image
+    case = case_name(image)
+    if not image.exists():
+        raise CaseError(f"case {case!r}: image {str(image)!r} does not exist")
+    if "objects" in entry:
+        if any(k in entry for k in ("points", "points_world")):
+            raise CaseError(f"case {case!r}: give either 'objects' or top-level points, not both")
+        objects = entry["objects"]
+        if not isinstance(objects, Sequence) or not objects:
+            raise CaseError(f"case {case!r}: 'objects' must be a non-empty list, got {objects!r}")
+        parsed = []
+        for i, obj in enumerate(objects):
+            label = obj.get("label", i + 1) if isinstance(obj, Mapping) else None
+            if not isinstance(label, int) or isinstance(label, bool) or not 1 <= label <= 32767:
+                raise CaseError(f"case {case!r}, object {i}: 'label' must be an integer in 1..32767, got {label!r}")
+            parsed.append(_parse_object(case, obj, label, f"object {i} (label {label})"))
+        labels = [obj["label"] for obj in parsed]
+        if len(set(labels)) != len(labels):
+            raise CaseError(f"case {case!r}: object labels must be distinct, got {labels}")
+    else:
+        parsed = [_parse_object(case, entry, int(entry.get("label", 1)), "object 0 (label 1)")]
+    normalised = {"image": str(image), "case": case, "objects": parsed}
+    if entry.get("prev_mask"):
+        prev = Path(str(entry["prev_mask"])).expanduser()
+        if base_dir is not None and not prev.is_absolute():
+            prev = Path(base_dir) / prev
+        if not prev.exists():
+            raise CaseError(f"case {case!r}: prev_mask {str(prev)!r} does not exist")
+        normalised["prev_mask"] = str(prev)
+    return normalised
+
+
+def read_datalist(path: str | os.PathLike, data_list_key: str | None = None) -> tuple[list[Any], Path]:
+    """Entries of a datalist JSON: a list of cases, or a dict holding one under ``data_list_key``.
+
+    Returns:
+        the raw entries and the folder relative paths refer to (the datalist's own folder).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {str(path)!r} does not exist")
+    with open(path) as handle:
+        content = json.load(handle)
+    if isinstance(content, Mapping):
+        keys = [data_list_key] if data_list_key else [k for k in ("testing", "test", "data") if k in content]
+        if not keys or keys[0] not in content:
+            raise ValueError(f"datalist {str(path)!r} has no list under {data_list_key or 'testing/test/data'!r}; "
+                             f"keys: {sorted(content)}")
+        content = content[keys[0]]
+    if not isinstance(content, list) or not content:
+        raise ValueError(f"datalist {str(path)!r} holds no cases")
+    return content, path.parent
+
+
+class CaseList:
+    """The cases of one run, from ``input_dict`` and/or a datalist, with every invalid one reported.
+
+    Invalid cases are logged and kept in :attr:`failures`; the valid ones are in :attr:`cases`.
+    :meth:`raise_if_failed` ends the run with a non-zero status when anything failed.
+    """
+
+    def __init__(
+        self,
+        input_dict: Mapping[str, Any] | None = None,
+        datalist: str | os.PathLike | None = None,
+        data_list_key: str | None = None,
+        base_dir: str | os.PathLike | None = None,
+    ) -> None:
+        entries: list[tuple[Any, Path | None]] = []
+        if input_dict:
+            entries.append((input_dict, Path(base_dir) if base_dir else None))
+        if datalist:
+            raw, folder = read_datalist(datalist, data_list_key)
+            entries.extend((entry, Path(base_dir) if base_dir else folder) for entry in raw)
+        if not entries:
+            raise ValueError("nothing to segment: give --input_dict or --datalist")
+        self.cases: list[dict[str, Any]] = []
+        self.failures: list[str] = []
+        for entry, folder in entries:
+            try:
+                self.cases.append(parse_case(entry, folder))
+            except CaseError as err:
+                self.report_failure(str(err))
+
+    def report_failure(self, message: str) -> None:
+        logger.error(message)
+        self.failures.append(message)
+
+    def raise_if_failed(self) -> None:
+        """Raise (non-zero exit of ``monai.bundle run``) when any case failed."""
+        if self.failures:
+            raise RuntimeError(f"{len(self.failures)} case(s) failed:\n  " + "\n  ".join(self.failures))
+
+
+class FaultTolerantDataset(IterableDataset):
+    """Applies ``transform`` to each case; a case whose transform fails is reported and skipped.
+
+    Args:
+        cases: the :class:`CaseList` whose valid cases are read and whose failures are extended.
+        transform: the pre-processing.
+    """
+
+    def __init__(self, cases: CaseList, transform: Callable | None = None) -> None:
+        super().__init__(data=cases.cases, transform=transform)
+        self.case_list = cases
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.case_list.cases:
+            try:
+                yield apply_transform(self.transform, item) if self.transform is not None else item
+            except Exception as err:  # one bad case must not stop the others
+                cause = err
+                while cause.__cause__ is not None:  # MONAI wraps transform errors; report the root cause
+                    cause = cause.__cause__
+                self.case_list.report_failure(f"case {item['case']!r}: {type(cause).__name__}: {cause}")

@@ -1,0 +1,257 @@
+"""Prompted inference over a whole (resampled) volume: encode once per window, apply the clicks in order,
+grow overlapping windows while the object reaches a window's border, and blend them without seams.
+
+The network needs ``encode(crop) -> embedding``, ``decode(embedding, coords, labels, mask_input) ->
+(logits, iou)`` and ``img_size`` (the side of its cubic crop); see :class:`custom.networks.SamMed3D`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.data import MetaTensor
+from monai.data.utils import compute_importance_map
+from monai.inferers import Inferer
+
+from .networks.sam_med3d import upsample_logits
+from .prompts import deepest_point
+from .transforms import PROMPT_REPORT
+
+#: logit written where no window reached (sigmoid of it is 0 in float32).
+BACKGROUND_LOGIT = -100.0
+_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def normalize_crop(crop: torch.Tensor) -> torch.Tensor:
+    """Upstream's intensity normalisation: z-score with the mean and unbiased std of the voxels > 0 of the
+    crop, applied to every voxel (not MONAI's ``nonzero=True``, which leaves zeros untouched)."""
+    positive = crop[crop > 0]
+    if positive.numel() < 2:  # nothing positive (an all-negative CT crop): fall back to every voxel
+        positive = crop.reshape(-1)
+    std = positive.std() if positive.numel() > 1 else crop.new_tensor(0.0)
+    return (crop - positive.mean()) / torch.clamp(std, min=1e-8)
+
+
+def extract_window(image: torch.Tensor, start: Sequence[int], size: int) -> torch.Tensor:
+    """The ``size^3`` window of ``image (C, D, H, W)`` starting at ``start`` (may lie partly outside: zero-padded)."""
+    out = image.new_zeros((image.shape[0], size, size, size))
+    src, dst = [], []
+    for s, extent in zip(start, image.shape[1:]):
+        lo, hi = max(s, 0), min(s + size, extent)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[(slice(None), *dst)] = image[(slice(None), *src)]
+    return out
+
+
+def _inside(point: torch.Tensor, start: Sequence[int], size: int, margin: int = 0) -> bool:
+    return all(s + margin <= float(p) < s + size - margin for p, s in zip(point, start))
+
+
+class PromptedWindowInferer(Inferer):
+    """Segments each prompted object of a volume with one or more ``roi_size^3`` windows.
+
+    For each object: the first window is centred on its first positive click (or is an existing window of
+    this call that holds that click at least ``reuse_margin`` voxels inside, whose embedding is then reused);
+    a click outside every window so far opens a window centred on it. In each window the object's clicks
+    are applied in order, each step with the previous low-res logits as mask prompt (``click_memory="all"``
+    passes every click so far, ``"newest"`` only the newest). Where the prediction reaches a window face that
+    is not the image border, a window shifted by ``stride`` along that axis is added, with a positive click
+    at the deepest predicted voxel inside it, until the object is closed or ``max_windows`` are used.
+    Windows are blended with a Gaussian importance map.
+
+    Args:
+        roi_size: window side (voxels); None takes the network's ``img_size``.
+        stride: shift of a growth window (voxels); default half the window.
+        max_windows: windows per object at most.
+        click_memory: ``"all"`` or ``"newest"``.
+        reuse_margin: how far inside an existing window a new object's first click must be to reuse it.
+        autocast_dtype: ``"bfloat16"``, ``"float16"`` or None (full precision).
+        sigma_scale: of the Gaussian blending map, relative to the window.
+        intensity_normalization: applied to each window before encoding (default :func:`normalize_crop`,
+            as upstream); None passes the raw intensities.
+    """
+
+    def __init__(
+        self,
+        roi_size: int | None = None,
+        stride: int | None = None,
+        max_windows: int = 8,
+        click_memory: str = "all",
+        reuse_margin: int = 16,
+        autocast_dtype: str | None = None,
+        sigma_scale: float = 0.125,
+        intensity_normalization: Callable[[torch.Tensor], torch.Tensor] | None = normalize_crop,
+    ) -> None:
+        super().__init__()
+        if click_memory not in ("all", "newest"):
+            raise ValueError(f"click_memory must be 'all' or 'newest', got {click_memory!r}")
+        if autocast_dtype is not None and autocast_dtype not in _AUTOCAST_DTYPES:
+            raise ValueError(f"autocast_dtype must be one of {sorted(_AUTOCAST_DTYPES)} or None, got {autocast_dtype!r}")
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        self.roi_size = roi_size
+        self.stride = stride
+        self.max_windows = max_windows
+        self.click_memory = click_memory
+        self.reuse_margin = reuse_margin
+        self.autocast_dtype = autocast_dtype
+        self.sigma_scale = sigma_scale
+        self.intensity_normalization = intensity_normalization
+
+    def _autocast(self, device: torch.device):
+        dtype = _AUTOCAST_DTYPES.get(self.autocast_dtype) if self.autocast_dtype else None
+        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: torch.nn.Module,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Per-object logits for a batch of volumes.
+
+        Args:
+            inputs: ``(B, 1, D, H, W)`` image (resampled, not normalised: each window is normalised itself).
+            network: see the module docstring.
+            point_coords: ``(B, n_objects, n_max, 3)`` voxel indices of ``inputs``, array order.
+            point_labels: ``(B, n_objects, n_max)``: 1 positive, 0 negative, -1 padding.
+
+        Returns:
+            ``(B, n_objects, D, H, W)`` logits (``BACKGROUND_LOGIT`` where no window reached); a MetaTensor
+            carrying the input's metadata and, under ``prompt_report``, one JSON report per volume.
+        """
+        outputs, reports = [], []
+        for b in range(inputs.shape[0]):
+            logits, report = self.segment_volume(inputs[b], network, point_coords[b], point_labels[b])
+            outputs.append(logits)
+            reports.append(json.dumps(report))
+        result = torch.stack(outputs)
+        if isinstance(inputs, MetaTensor):
+            result = MetaTensor(result, meta=dict(inputs.meta))
+            result.is_batch = inputs.is_batch
+            result.meta[PROMPT_REPORT] = reports
+        return result
+
+    def segment_volume(
+        self, image: torch.Tensor, network: torch.nn.Module, coords: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
+        """One volume ``(1, D, H, W)``, its objects' clicks ``(n_objects, n_max, 3)`` / ``(n_objects, n_max)``
+        -> logits ``(n_objects, D, H, W)`` and a report (windows and seconds per object)."""
+        image = image.as_tensor() if isinstance(image, MetaTensor) else image
+        size = int(self.roi_size or network.img_size)
+        stride = int(self.stride or size // 2)
+        importance = compute_importance_map((size,) * 3, mode="gaussian", sigma_scale=self.sigma_scale,
+                                            device=image.device)
+        embeddings: dict[tuple[int, ...], torch.Tensor] = {}
+        out = image.new_full((coords.shape[0], *image.shape[1:]), BACKGROUND_LOGIT, dtype=torch.float32)
+        report = {"objects": []}
+        for index in range(coords.shape[0]):
+            started = time.perf_counter()
+            valid = labels[index] >= 0
+            object_coords = coords[index][valid].float().cpu()
+            object_labels = labels[index][valid].long().cpu()
+            windows, encoded = self._segment_object(
+                image, network, object_coords, object_labels, size, stride, importance, embeddings, out[index]
+            )
+            report["objects"].append(
+                {"windows": [list(w) for w in windows], "windows_encoded": encoded,
+                 "seconds": round(time.perf_counter() - started, 3)}
+            )
+        report["embeddings_computed"] = len(embeddings)
+        return out, report
+
+    def _first_window(self, point: torch.Tensor, size: int, embeddings: dict) -> tuple[int, ...]:
+        for start in embeddings:
+            if _inside(point, start, size, self.reuse_margin):
+                return start
+        return tuple(int(round(float(p))) - size // 2 for p in point)
+
+    def _segment_object(self, image, network, coords, labels, size, stride, importance, embeddings, out):
+        spatial = image.shape[1:]
+        logit_sum = torch.zeros(spatial, dtype=torch.float32, device=image.device)
+        weight_sum = torch.zeros_like(logit_sum)
+        first_positive = coords[int(torch.nonzero(labels == 1)[0, 0])]
+        queue = deque([self._first_window(first_positive, size, embeddings)])
+        for point in coords:
+            if not any(_inside(point, start, size) for start in queue):
+                queue.append(tuple(int(round(float(p))) - size // 2 for p in point))
+        planned, done, encoded = set(queue), [], 0
+        while queue and len(done) < self.max_windows:
+            start = queue.popleft()
+            inside = torch.tensor([_inside(p, start, size) for p in coords], dtype=torch.bool)
+            local_coords = coords[inside] - torch.tensor(start, dtype=torch.float32)
+            local_labels = labels[inside]
+            if not (local_labels == 1).any():
+                region = extract_window((weight_sum > 0)[None] & (logit_sum > 0)[None], start, size)[0]
+                pseudo = deepest_point(region)
+                if pseudo is None:
+                    continue
+                local_coords = torch.cat([pseudo[None], local_coords])
+                local_labels = torch.cat([torch.ones(1, dtype=torch.long), local_labels])
+            if start not in embeddings:
+                crop = extract_window(image, start, size)
+                if self.intensity_normalization is not None:
+                    crop = self.intensity_normalization(crop)
+                with torch.no_grad(), self._autocast(image.device):
+                    embeddings[start] = network.encode(crop[None])
+                encoded += 1
+            window_logits = self._apply_clicks(network, embeddings[start], local_coords, local_labels, size)
+            done.append(start)
+            self._accumulate(window_logits, start, importance, logit_sum, weight_sum)
+            for neighbour in self._growth(window_logits, start, size, stride, spatial):
+                if neighbour not in planned:
+                    planned.add(neighbour)
+                    queue.append(neighbour)
+        covered = weight_sum > 0
+        out[covered] = logit_sum[covered] / weight_sum[covered]
+        return done, encoded
+
+    def _apply_clicks(self, network, embedding, coords, labels, size) -> torch.Tensor:
+        device = embedding.device
+        coords, labels = coords.to(device), labels.to(device)
+        low_res = None
+        with torch.no_grad(), self._autocast(device):
+            for step in range(len(coords)):
+                first = 0 if self.click_memory == "all" else step
+                low_res, _ = network.decode(
+                    embedding, coords[None, first : step + 1], labels[None, first : step + 1], low_res
+                )
+        return upsample_logits(low_res.float(), (size,) * 3)[0, 0]
+
+    @staticmethod
+    def _accumulate(window_logits, start, importance, logit_sum, weight_sum) -> None:
+        src, dst = [], []
+        for s, extent in zip(start, logit_sum.shape):
+            lo, hi = max(s, 0), min(s + window_logits.shape[0], extent)
+            src.append(slice(lo - s, hi - s))
+            dst.append(slice(lo, hi))
+        weights = importance[tuple(src)]
+        logit_sum[tuple(dst)] += weights * window_logits[tuple(src)]
+        weight_sum[tuple(dst)] += weights
+
+    @staticmethod
+    def _growth(window_logits, start, size, stride, spatial) -> list[tuple[int, ...]]:
+        """Windows next to each face that the prediction touches inside the image (not at its border)."""
+        inside = [slice(max(-s, 0), min(extent - s, size)) for s, extent in zip(start, spatial)]
+        foreground = torch.zeros_like(window_logits, dtype=torch.bool)
+        foreground[tuple(inside)] = window_logits[tuple(inside)] > 0
+        neighbours = []
+        for axis in range(3):
+            for side, face in ((-1, inside[axis].start), (1, inside[axis].stop - 1)):
+                at_image_border = (start[axis] + face <= 0) if side < 0 else (start[axis] + face >= spatial[axis] - 1)
+                if at_image_border or not foreground.select(axis, face).any():
+                    continue
+                shifted = list(start)
+                shifted[axis] += side * stride
+                neighbours.append(tuple(shifted))
+        return neighbours
