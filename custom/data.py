@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from monai.data import IterableDataset
 from monai.transforms import apply_transform
 
@@ -211,3 +212,67 @@ class FaultTolerantDataset(IterableDataset):
                 while cause.__cause__ is not None:  # MONAI wraps transform errors; report the root cause
                     cause = cause.__cause__
                 self.case_list.report_failure(f"case {item['case']!r}: {type(cause).__name__}: {cause}")
+
+
+def load_training_datalist(
+    datalist: str | os.PathLike,
+    data_list_key: str = "training",
+    dataset_dir: str | os.PathLike | None = None,
+    min_target_voxels: int = 1,
+) -> list[dict[str, Any]]:
+    """Entries of an MSD-style ``dataset.json``, checked before training starts.
+
+    Every image and label must exist and be readable, have the same spatial shape and hold at least one
+    class with ``min_target_voxels`` voxels. Each entry gains ``classes`` (the labels present) and ``case``.
+
+    Raises:
+        ValueError: listing every faulty entry (and the datalist), or when the list is empty.
+    """
+    from monai.data import load_decathlon_datalist
+    from monai.transforms import LoadImage
+
+    path = Path(datalist)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {str(path)!r} does not exist")
+    base = Path(dataset_dir) if dataset_dir else path.parent
+    try:
+        entries = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=data_list_key,
+                                          base_dir=str(base))
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"datalist {str(path)!r}: no list {data_list_key!r} ({err})") from err
+    if not entries:
+        raise ValueError(f"datalist {str(path)!r}: the list {data_list_key!r} is empty")
+    reader = LoadImage(image_only=True)
+    problems, checked = [], []
+    for entry in entries:
+        case = case_name(entry.get("image", "?"))
+        missing = [k for k in ("image", "label") if k not in entry or not Path(entry[k]).exists()]
+        if missing:
+            problems.append(f"{case}: {', '.join(f'{k} {entry.get(k)!r}' for k in missing)} does not exist")
+            continue
+        try:
+            image_shape = tuple(reader(entry["image"]).shape)
+            label = reader(entry["label"])
+        except Exception as err:  # report unreadable files with the others, then stop
+            problems.append(f"{case}: unreadable ({type(err).__name__}: {err})")
+            continue
+        if tuple(label.shape) != image_shape:
+            problems.append(f"{case}: label shape {tuple(label.shape)} does not match image shape {image_shape}")
+            continue
+        values, counts = np.unique(np.asarray(label), return_counts=True)
+        classes = [int(v) for v, c in zip(values, counts) if v > 0 and c >= min_target_voxels]
+        if not classes:
+            problems.append(f"{case}: the label has no foreground voxel")
+            continue
+        checked.append(dict(entry, classes=classes, case=case))
+    if problems:
+        raise ValueError(
+            f"datalist {str(path)!r} ({data_list_key!r}): {len(problems)} of {len(entries)} entries are unusable:\n  "
+            + "\n  ".join(problems)
+        )
+    return checked
+
+
+def expand_targets(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (case, class present): the validation targets."""
+    return [dict(entry, target_class=c) for entry in entries for c in entry["classes"]]

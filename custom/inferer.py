@@ -19,35 +19,11 @@ from monai.inferers import Inferer
 
 from .networks.sam_med3d import upsample_logits
 from .prompts import deepest_point
-from .transforms import PROMPT_REPORT
+from .transforms import PROMPT_REPORT, extract_window, normalize_crop
 
 #: logit written where no window reached (sigmoid of it is 0 in float32).
 BACKGROUND_LOGIT = -100.0
 _AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def normalize_crop(crop: torch.Tensor) -> torch.Tensor:
-    """Upstream's intensity normalisation: z-score with the mean and unbiased std of the voxels > 0 of the
-    crop, applied to every voxel (not MONAI's ``nonzero=True``, which leaves zeros untouched)."""
-    positive = crop[crop > 0]
-    if positive.numel() < 2:  # nothing positive (an all-negative CT crop): fall back to every voxel
-        positive = crop.reshape(-1)
-    std = positive.std() if positive.numel() > 1 else crop.new_tensor(0.0)
-    return (crop - positive.mean()) / torch.clamp(std, min=1e-8)
-
-
-def extract_window(image: torch.Tensor, start: Sequence[int], size: int) -> torch.Tensor:
-    """The ``size^3`` window of ``image (C, D, H, W)`` starting at ``start`` (may lie partly outside: zero-padded)."""
-    out = image.new_zeros((image.shape[0], size, size, size))
-    src, dst = [], []
-    for s, extent in zip(start, image.shape[1:]):
-        lo, hi = max(s, 0), min(s + size, extent)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - s, hi - s))
-    out[(slice(None), *dst)] = image[(slice(None), *src)]
-    return out
 
 
 def _inside(point: torch.Tensor, start: Sequence[int], size: int, margin: int = 0) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,41 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Randomizable
 
 from .data import CaseError, case_name
 
 #: keys the pre-processing adds for the inferer (``PrepareBatchExtraInput`` passes them on).
 POINT_COORDS, POINT_LABELS, OBJECT_LABELS = "point_coords", "point_labels", "object_labels"
 PROMPT_REQUEST, PROMPT_REPORT = "prompt_request", "prompt_report"
+
+
+def normalize_crop(crop: torch.Tensor) -> torch.Tensor:
+    """Upstream's intensity normalisation: z-score with the mean and unbiased std of the voxels > 0 of the
+    crop, applied to every voxel (not MONAI's ``nonzero=True``, which leaves zeros untouched)."""
+    positive = crop[crop > 0]
+    if positive.numel() < 2:  # nothing positive (an all-negative CT crop): fall back to every voxel
+        positive = crop.reshape(-1)
+    std = positive.std() if positive.numel() > 1 else crop.new_tensor(0.0)
+    return (crop - positive.mean()) / torch.clamp(std, min=1e-8)
+
+
+def extract_window(image: torch.Tensor, start: Sequence[int], size: int | Sequence[int]) -> torch.Tensor:
+    """The window of ``image (C, D, H, W)`` starting at ``start`` with side(s) ``size``; parts outside the
+    image are zero-padded. Returns a plain tensor ``(C, *size)``."""
+    sizes = [size] * 3 if isinstance(size, int) else list(size)
+    out = image.new_zeros((image.shape[0], *sizes))
+    out = out.as_tensor() if isinstance(out, MetaTensor) else out
+    src, dst = [], []
+    for s, side, extent in zip(start, sizes, image.shape[1:]):
+        lo, hi = max(s, 0), min(s + side, extent)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    region = image[(slice(None), *src)]
+    out[(slice(None), *dst)] = region.as_tensor() if isinstance(region, MetaTensor) else region
+    return out
 
 
 def _source_name(image: Any) -> str:
@@ -197,4 +225,82 @@ class SaveSegmentationd(MapTransform):
             finally:
                 Path(tmp).unlink(missing_ok=True)
             d[f"{key}_saved_to"] = str(target)
+        return d
+
+
+class SelectTargetd(MapTransform, Randomizable):
+    """Turn a label map into one binary target: the class in ``target_class_key`` if the item has it,
+    otherwise a class drawn among ``classes_key`` (the classes present, listed by the datalist check).
+
+    Writes the float target (0/1) to the label key and the class to ``target_class_key``.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", classes_key: str = "classes",
+                 target_class_key: str = "target_class") -> None:
+        MapTransform.__init__(self, keys)
+        self.classes_key = classes_key
+        self.target_class_key = target_class_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        classes = list(d.pop(self.classes_key, []))  # lists of varying length would not collate
+        target_class = d.get(self.target_class_key)
+        if target_class is None:
+            target_class = classes[int(self.R.randint(len(classes)))]
+        d[self.target_class_key] = int(target_class)
+        for key in self.key_iterator(d):
+            d[key] = (d[key] == int(target_class)).float()
+        return d
+
+
+class CropAroundTargetd(MapTransform, Randomizable):
+    """Crop, on the image's own grid, the region that becomes a ``roi_size^3`` window at ``spacing_mm`` once
+    resampled, centred on the target's bounding box plus a uniform jitter of up to ``jitter_mm`` per axis.
+
+    Cropping before resampling keeps training on large CT cheap. Outside the image is zero-padded; the
+    affine is updated, so a following ``Spacingd`` and ``ResizeWithPadOrCropd(roi_size)`` finish the window.
+
+    Args:
+        keys: image and label keys.
+        label_key: the binary target whose bounding box centres the crop.
+        roi_size: window side after resampling (voxels).
+        spacing_mm: the resampled voxel size.
+        jitter_mm: half-width of the uniform jitter of the centre (0 for validation).
+    """
+
+    def __init__(self, keys: KeysCollection, label_key: str = "label", roi_size: int = 128,
+                 spacing_mm: float = 1.5, jitter_mm: float = 0.0) -> None:
+        MapTransform.__init__(self, keys)
+        self.label_key = label_key
+        self.roi_size = roi_size
+        self.spacing_mm = spacing_mm
+        self.jitter_mm = jitter_mm
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        label = d[self.label_key]
+        foreground = torch.nonzero(torch.as_tensor(label)[0] > 0)
+        if len(foreground) == 0:
+            raise ValueError(f"{_source_name(label)}: the selected target has no voxel")
+        pixdim = np.sqrt((np.asarray(label.affine)[:3, :3] ** 2).sum(axis=0))
+        centre = (foreground.min(0).values + foreground.max(0).values).double().numpy() / 2
+        centre = centre + self.R.uniform(-self.jitter_mm, self.jitter_mm, 3) / pixdim
+        sizes = np.ceil(self.roi_size * self.spacing_mm / pixdim).astype(int) + 2
+        start = np.round(centre - sizes / 2).astype(int)
+        for key in self.key_iterator(d):
+            image = d[key]
+            affine = torch.as_tensor(image.affine, dtype=torch.float64).clone()
+            affine[:3, 3] = affine[:3, :3] @ torch.as_tensor(start, dtype=torch.float64) + affine[:3, 3]
+            crop = extract_window(image, start.tolist(), sizes.tolist())
+            d[key] = MetaTensor(crop, affine=affine, meta={k: v for k, v in image.meta.items() if k != "affine"})
+        return d
+
+
+class NormalizeCropd(MapTransform):
+    """Upstream's per-crop intensity normalisation (:func:`custom.inferer.normalize_crop`) on each sample."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = normalize_crop(d[key])
         return d

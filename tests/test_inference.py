@@ -19,7 +19,8 @@ from scipy import ndimage
 
 from conftest import REPO_ROOT, randomize_
 from custom.data import CaseError, CaseList
-from custom.inferer import PromptedWindowInferer, extract_window, normalize_crop
+from custom.inferer import PromptedWindowInferer
+from custom.transforms import extract_window, normalize_crop
 from custom.networks import build_sam_med3d
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"

@@ -1,0 +1,254 @@
+"""Ignite iterations for interactive training and click-simulating validation (reference §4).
+
+Training: the image is encoded once; ``num_click_steps`` decoder steps follow, each with one new click
+drawn uniformly from the error region of the previous prediction (positive on a missed voxel, negative on a
+false positive) and the previous low-res logits as mask prompt (not detached). Two steps pass no click (one
+at a random step in ``mask_only_step_range`` and the last). The loss sums over all steps.
+
+The whole simulated interaction is one ``forward`` of :class:`InteractiveSegmentation`, so that a
+``DistributedDataParallel`` wrapper around it sees every parameter use and all-reduces the gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import CheckpointLoader
+from monai.utils import CommonKeys as Keys
+from torch import nn
+
+from .networks.checkpoint import save_atomic
+from .networks.sam_med3d import upsample_logits
+from .prompts import uniform_error_click
+
+_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _autocast(device: torch.device, dtype_name: str | None):
+    dtype = _AUTOCAST_DTYPES[dtype_name] if dtype_name else None
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def simulate_clicks(
+    prediction: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One new click per volume: ``(B, D, H, W)`` bool prediction and target -> coords ``(B, 1, 3)``, labels
+    ``(B, 1)``; a volume already segmented perfectly gets a padding point (label -1)."""
+    coords = torch.zeros(prediction.shape[0], 1, 3, device=prediction.device)
+    labels = torch.full((prediction.shape[0], 1), -1, dtype=torch.long, device=prediction.device)
+    for b in range(prediction.shape[0]):
+        click = uniform_error_click(prediction[b], target[b], generator)
+        if click is not None:
+            coords[b, 0], labels[b, 0] = click[0].to(coords.device), click[1]
+    return coords, labels
+
+
+class InteractiveSegmentation(nn.Module):
+    """One forward = one simulated interaction: ``(image, target) -> logits of every step``.
+
+    Args:
+        network: a promptable network (``encode`` / ``decode``), e.g. :class:`custom.networks.SamMed3D`.
+        num_click_steps: decoder steps.
+        mask_only_step_range: inclusive range of the random step that passes no click.
+        last_step_mask_only: whether the last step passes no click either.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        num_click_steps: int = 11,
+        mask_only_step_range: Sequence[int] = (2, 8),
+        last_step_mask_only: bool = True,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.num_click_steps = num_click_steps
+        self.mask_only_step_range = tuple(mask_only_step_range)
+        self.last_step_mask_only = last_step_mask_only
+
+    def forward(
+        self, image: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` image and float target -> logits ``(steps, B, 1, D, H, W)``."""
+        embedding = self.network.encode(image)
+        truth = target[:, 0] > 0.5
+        prediction = torch.zeros_like(truth)
+        lo, hi = self.mask_only_step_range
+        random_mask_step = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+        low_res, outputs = None, []
+        for step in range(self.num_click_steps):
+            mask_only = step > 0 and (
+                step == random_mask_step or (self.last_step_mask_only and step == self.num_click_steps - 1)
+            )
+            coords, labels = (None, None) if mask_only else simulate_clicks(prediction, truth, generator)
+            low_res, _ = self.network.decode(embedding, coords, labels, low_res)
+            logits = upsample_logits(low_res, image.shape[2:])
+            outputs.append(logits)
+            prediction = logits.detach()[:, 0] > 0
+        return torch.stack(outputs)
+
+
+class InteractiveTrainingStep:
+    """``iteration_update`` for ``SupervisedTrainer``: the simulated interaction, the summed loss, gradient
+    accumulation, autocast and (fp16) gradient scaling.
+
+    ``engine.network`` is an :class:`InteractiveSegmentation` (possibly inside DDP).
+
+    Args:
+        accumulation_steps: optimizer step every this many iterations (and at the end of each epoch).
+        autocast_dtype: ``"bfloat16"``, ``"float16"`` or None.
+        scaler: a ``torch.amp.GradScaler`` (enabled for fp16 on GPU); part of the resumable state.
+        seed: base seed of the click draws (combined with the iteration, so a resumed run draws alike).
+    """
+
+    def __init__(
+        self,
+        accumulation_steps: int = 1,
+        autocast_dtype: str | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        seed: int = 0,
+    ) -> None:
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+        self.accumulation_steps = accumulation_steps
+        self.autocast_dtype = autocast_dtype
+        self.scaler = scaler
+        self.seed = seed
+
+    def __call__(self, engine: SupervisedTrainer, batchdata: dict) -> dict:
+        image, target = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
+        iteration = engine.state.iteration
+        position = (iteration - 1) % engine.state.epoch_length
+        if position % self.accumulation_steps == 0:
+            engine.optimizer.zero_grad(set_to_none=True)
+        engine.network.train()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        with _autocast(image.device, self.autocast_dtype):
+            step_logits = engine.network(image, target, generator)
+        loss = sum(engine.loss_function(logits.float(), target) for logits in step_logits)
+        scaled = loss / self.accumulation_steps
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if (position + 1) % self.accumulation_steps == 0 or position + 1 == engine.state.epoch_length:
+            if self.scaler is not None:
+                self.scaler.step(engine.optimizer)
+                self.scaler.update()
+            else:
+                engine.optimizer.step()
+        return {Keys.IMAGE: image, Keys.LABEL: target, Keys.PRED: step_logits[-1].detach(), Keys.LOSS: loss.item()}
+
+
+class ClickValidationStep:
+    """``iteration_update`` for ``SupervisedEvaluator``: simulated clicks (uniform protocol, newest click and
+    the previous logits), with the binary prediction after each click in ``report_clicks`` kept as
+    ``pred_<k>``.
+
+    Args:
+        report_clicks: click counts to report, e.g. ``(1, 5)``.
+        autocast_dtype: ``"bfloat16"``, ``"float16"`` or None.
+        seed: the click draws of item ``i`` use ``seed + i``: every validation sees the same clicks.
+    """
+
+    def __init__(self, report_clicks: Sequence[int] = (1, 5), autocast_dtype: str | None = None, seed: int = 0):
+        self.report_clicks = sorted(set(int(k) for k in report_clicks))
+        self.autocast_dtype = autocast_dtype
+        self.seed = seed
+
+    def __call__(self, engine: SupervisedEvaluator, batchdata: dict) -> dict:
+        image, target = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
+        network = engine.network.module if hasattr(engine.network, "module") else engine.network
+        network = network.network if isinstance(network, InteractiveSegmentation) else network
+        generator = torch.Generator().manual_seed(self.seed + engine.state.iteration)
+        truth = target[:, 0] > 0.5
+        output = {Keys.IMAGE: image, Keys.LABEL: target}
+        with engine.mode(network), _autocast(image.device, self.autocast_dtype):
+            embedding = network.encode(image)
+            prediction = torch.zeros_like(truth)
+            low_res = None
+            for click in range(1, self.report_clicks[-1] + 1):
+                coords, labels = simulate_clicks(prediction, truth, generator)
+                low_res, _ = network.decode(embedding, coords, labels, low_res)
+                prediction = upsample_logits(low_res.float(), image.shape[2:])[:, 0] > 0
+                if click in self.report_clicks:
+                    output[f"pred_{click}"] = prediction[:, None].float()
+        return output
+
+
+def parameter_groups(
+    network: nn.Module, lr: float, decoder_lr_factor: float = 0.1, freeze_image_encoder: bool = False
+) -> list[dict]:
+    """AdamW groups: the image encoder at ``lr`` (or frozen), prompt encoder and decoder at ``lr * factor``."""
+    encoder = list(network.image_encoder.parameters())
+    for param in encoder:
+        param.requires_grad_(not freeze_image_encoder)
+    rest = [p for name, p in network.named_parameters() if not name.startswith("image_encoder.")]
+    groups = [{"params": rest, "lr": lr * decoder_lr_factor}]
+    if not freeze_image_encoder:
+        groups.insert(0, {"params": encoder, "lr": lr})
+    return groups
+
+
+class SaveLatestCheckpoint:
+    """Trainer handler: after every epoch, ``<output_dir>/model_latest.pt`` (``{"model": state_dict}``) and
+    ``<output_dir>/training_state.pt`` (network, optimizer, scheduler, trainer, scaler: what ``--resume``
+    loads), each written atomically.
+
+    Args:
+        output_dir: the run's folder.
+        network: the promptable network (not a wrapper).
+        state_objects: name -> object with ``state_dict()`` for the resumable state; the trainer it is
+            attached to is added as ``trainer``.
+    """
+
+    def __init__(self, output_dir: str, network: nn.Module, state_objects: dict) -> None:
+        self.output_dir = Path(output_dir)
+        self.network = network
+        self.state_objects = state_objects
+
+    def attach(self, engine) -> None:
+        self.state_objects = dict(self.state_objects, trainer=engine)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if getattr(engine.state, "rank", 0):
+            return
+        save_atomic({"model": self.network.state_dict()}, self.output_dir / "model_latest.pt")
+        state = {name: obj.state_dict() for name, obj in self.state_objects.items() if obj is not None}
+        save_atomic(state, self.output_dir / "training_state.pt")
+
+
+class ResumeTrainingState(CheckpointLoader):
+    """``CheckpointLoader`` for ``training_state.pt`` that also restores the trainer it is attached to
+    (epoch, iteration), which a config cannot name inside the trainer's own handler list."""
+
+    def attach(self, engine) -> None:
+        self.load_dict = dict(self.load_dict, trainer=engine)
+        super().attach(engine)
+
+
+class SaveBestModel:
+    """Evaluator handler: ``<output_dir>/model.pt`` (``{"model": state_dict}``) whenever the key metric
+    improves, with the metric in ``model.json`` beside it."""
+
+    def __init__(self, output_dir: str, network: nn.Module) -> None:
+        self.output_dir = Path(output_dir)
+        self.network = network
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if engine.state.best_metric_epoch != engine.state.epoch:
+            return
+        save_atomic({"model": self.network.state_dict()}, self.output_dir / "model.pt")
+        summary = {"epoch": engine.state.epoch, "key_metric": engine.state.key_metric_name,
+                   "best_metric": float(engine.state.best_metric),
+                   "metrics": {k: float(v) for k, v in engine.state.metrics.items()}}
+        tmp = self.output_dir / ".model.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, self.output_dir / "model.json")

@@ -1,0 +1,125 @@
+"""The training workflow: a real epoch through monai.bundle, learning on a fixed batch, exact resume,
+datalist checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+from monai.losses import DiceCELoss
+
+from conftest import REPO_ROOT
+from custom.data import load_training_datalist
+from custom.engines import InteractiveSegmentation, parameter_groups
+from custom.networks import build_sam_med3d, load_checkpoint
+
+CONFIGS = REPO_ROOT / "bundle" / "configs"
+MINI = REPO_ROOT / "bundle" / "sample" / "hippocampus_mini"
+FAST = {"network_name": "sam_med3d_tiny", "network_def#image_size": 64, "num_workers": 0, "batch_size": 2}
+
+
+def train(tmp_path, stop_after_epoch=None, **overrides):
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"),
+        workflow_type="train",
+        output_dir=str(tmp_path),
+        **dict(FAST, **overrides),
+    )
+    workflow.initialize()
+    if stop_after_epoch is not None:  # an interruption: the run ends after the epoch's checkpoint is written
+        workflow.parser.get_parsed_content("train#trainer").add_event_handler(
+            Events.EPOCH_COMPLETED(once=stop_after_epoch), lambda engine: engine.terminate()
+        )
+    workflow.run()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    optimizer = workflow.parser.get_parsed_content("optimizer")
+    workflow.finalize()
+    return trainer, optimizer
+
+
+def test_one_epoch_through_the_bundle_writes_checkpoints(tmp_path):
+    trainer, _ = train(tmp_path, epochs=1, val_interval=1)
+    assert trainer.state.iteration == 2  # 4 cases, batch 2
+    model = build_sam_med3d("sam_med3d_tiny", image_size=64)
+    assert load_checkpoint(model, tmp_path / "model.pt").ok  # {"model": ...}, weights_only
+    assert set(torch.load(tmp_path / "model.pt", weights_only=True)) == {"model"}
+    state = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    assert {"network", "optimizer", "lr_scheduler", "trainer", "scaler"} <= set(state)
+    summary = json.loads((tmp_path / "model.json").read_text())
+    assert summary["key_metric"] == "val_dice_5clicks" and set(summary["metrics"]) == {
+        "val_dice_1click", "val_dice_5clicks"}
+    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+
+
+def test_the_model_learns_a_fixed_batch():
+    torch.manual_seed(0)
+    network = build_sam_med3d("sam_med3d_tiny", image_size=64)
+    model = InteractiveSegmentation(network, num_click_steps=3, mask_only_step_range=(2, 2))
+    image = torch.randn(2, 1, 64, 64, 64)
+    target = torch.zeros(2, 1, 64, 64, 64)
+    target[0, 0, 20:40, 25:45, 10:30] = 1
+    target[1, 0, 30:50, 10:30, 30:54] = 1
+    image = image + 3 * target
+    optimizer = torch.optim.AdamW(parameter_groups(network, 2e-3, decoder_lr_factor=1.0), weight_decay=0.1)
+    loss_function = DiceCELoss(sigmoid=True, squared_pred=True)
+    losses = []
+    for step in range(30):
+        optimizer.zero_grad()
+        logits = model(image, target, torch.Generator().manual_seed(step))
+        loss = sum(loss_function(step_logits, target) for step_logits in logits)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, straight_optimizer = train(tmp_path / "straight", epochs=2, val_interval=5)
+    interrupted, _ = train(tmp_path / "split", stop_after_epoch=1, epochs=2, val_interval=5)
+    assert interrupted.state.iteration == 2
+    resumed, resumed_optimizer = train(tmp_path / "split", epochs=2, val_interval=5, resume=True)
+    assert resumed.state.iteration == straight.state.iteration == 4
+    assert resumed.state.epoch == straight.state.epoch == 2
+    steps = [[float(s["step"]) for s in opt.state_dict()["state"].values()] for opt in (straight_optimizer, resumed_optimizer)]
+    assert steps[0] == steps[1] and steps[0] and all(s == 4 for s in steps[0])
+    lrs = [[g["lr"] for g in opt.param_groups] for opt in (straight_optimizer, resumed_optimizer)]
+    assert lrs[0] == pytest.approx(lrs[1])
+
+
+def _copy_mini(tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(MINI, root)
+    return root
+
+
+def test_datalist_faults_are_all_reported(tmp_path):
+    root = _copy_mini(tmp_path)
+    datalist = json.loads((root / "dataset.json").read_text())
+    (root / "imagesTr" / "hippocampus_001.nii.gz").unlink()
+    label = nib.load(root / "labelsTr" / "hippocampus_003.nii.gz")
+    nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine).to_filename(root / "labelsTr" / "hippocampus_003.nii.gz")
+    nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), label.affine).to_filename(root / "labelsTr" / "hippocampus_004.nii.gz")
+    with pytest.raises(ValueError) as err:
+        load_training_datalist(root / "dataset.json", "training")
+    message = str(err.value)
+    assert "3 of 4 entries are unusable" in message
+    assert "hippocampus_001: image" in message and "does not exist" in message
+    assert "hippocampus_003: the label has no foreground voxel" in message
+    assert "hippocampus_004: label shape (5, 5, 5) does not match image shape" in message
+    datalist["training"] = []
+    (root / "empty.json").write_text(json.dumps(datalist))
+    with pytest.raises(ValueError, match="is empty"):
+        load_training_datalist(root / "empty.json", "training")
+    with pytest.raises(ValueError, match="'testing'"):
+        load_training_datalist(root / "dataset.json", "testing")
+
+
+def test_checked_entries_list_the_classes_present():
+    entries = load_training_datalist(MINI / "dataset.json", "validation")
+    assert [e["classes"] for e in entries] == [[1, 2], [1, 2]]
