@@ -45,7 +45,9 @@ def case_name(image_path: str | os.PathLike) -> str:
     return name
 
 
-def _check_point_list(case: str, what: str, points: Any, labels: Any) -> tuple[list[list[float]], list[int]]:
+def _check_point_list(
+    case: str, what: str, points: Any, labels: Any, need_positive: bool = True
+) -> tuple[list[list[float]], list[int]]:
     if not isinstance(points, Sequence) or isinstance(points, str) or len(points) == 0:
         raise CaseError(f"case {case!r}, {what}: points must be a non-empty list of [i, j, k], got {points!r}")
     checked = []
@@ -66,17 +68,20 @@ def _check_point_list(case: str, what: str, points: Any, labels: Any) -> tuple[l
         )
     if any(label not in (0, 1) or isinstance(label, bool) for label in labels):
         raise CaseError(f"case {case!r}, {what}: point_labels must be 0 or 1, got {list(labels)!r}")
-    if 1 not in labels:
+    if need_positive and 1 not in labels:
         raise CaseError(f"case {case!r}, {what}: no positive click (label 1); the first one places the crop")
     return checked, [int(label) for label in labels]
 
 
-def _parse_object(case: str, entry: Mapping[str, Any], label: int, what: str) -> dict[str, Any]:
+def _parse_object(
+    case: str, entry: Mapping[str, Any], label: int, what: str, need_positive: bool = True
+) -> dict[str, Any]:
     if ("points" in entry) == ("points_world" in entry):
         raise CaseError(f"case {case!r}, {what}: give exactly one of 'points' (voxels) or 'points_world' (mm)")
     space = "voxel" if "points" in entry else "world"
-    points, labels = _check_point_list(case, what, entry["points" if space == "voxel" else "points_world"],
-                                       entry.get("point_labels"))
+    points, labels = _check_point_list(
+        case, what, entry["points" if space == "voxel" else "points_world"], entry.get("point_labels"), need_positive
+    )
     parsed = {"label": label, "points": points, "point_labels": labels, "space": space}
     if "name" in entry:
         parsed["name"] = str(entry["name"])
@@ -101,6 +106,8 @@ def parse_case(entry: Mapping[str, Any], base_dir: str | os.PathLike | None = No
     case = case_name(image)
     if not image.exists():
         raise CaseError(f"case {case!r}: image {str(image)!r} does not exist")
+    # continuing from an earlier result, negative clicks alone are a valid refinement
+    need_positive = not entry.get("prev_mask")
     if "objects" in entry:
         if any(k in entry for k in ("points", "points_world")):
             raise CaseError(f"case {case!r}: give either 'objects' or top-level points, not both")
@@ -112,12 +119,12 @@ def parse_case(entry: Mapping[str, Any], base_dir: str | os.PathLike | None = No
             label = obj.get("label", i + 1) if isinstance(obj, Mapping) else None
             if not isinstance(label, int) or isinstance(label, bool) or not 1 <= label <= 32767:
                 raise CaseError(f"case {case!r}, object {i}: 'label' must be an integer in 1..32767, got {label!r}")
-            parsed.append(_parse_object(case, obj, label, f"object {i} (label {label})"))
+            parsed.append(_parse_object(case, obj, label, f"object {i} (label {label})", need_positive))
         labels = [obj["label"] for obj in parsed]
         if len(set(labels)) != len(labels):
             raise CaseError(f"case {case!r}: object labels must be distinct, got {labels}")
     else:
-        parsed = [_parse_object(case, entry, int(entry.get("label", 1)), "object 0 (label 1)")]
+        parsed = [_parse_object(case, entry, int(entry.get("label", 1)), "object 0 (label 1)", need_positive)]
     normalised = {"image": str(image), "case": case, "objects": parsed}
     if entry.get("prev_mask"):
         prev = Path(str(entry["prev_mask"])).expanduser()
@@ -215,33 +222,44 @@ class FaultTolerantDataset(IterableDataset):
 
 
 def load_training_datalist(
-    datalist: str | os.PathLike,
+    datalist: str | os.PathLike | Sequence[str | os.PathLike],
     data_list_key: str = "training",
     dataset_dir: str | os.PathLike | None = None,
     min_target_voxels: int = 1,
 ) -> list[dict[str, Any]]:
-    """Entries of an MSD-style ``dataset.json``, checked before training starts.
+    """Entries of one or several MSD-style ``dataset.json`` files, checked before training starts.
 
     Every image and label must exist and be readable, have the same spatial shape and hold at least one
-    class with ``min_target_voxels`` voxels. Each entry gains ``classes`` (the labels present) and ``case``.
+    class with ``min_target_voxels`` voxels. Each entry gains ``classes`` (the labels present), ``case`` and
+    ``modality`` (the dataset's ``modality["0"]``, e.g. ``"CT"``, which chooses the intensity clamping).
+
+    Args:
+        datalist: one file or a list of files.
+        data_list_key: the list to read in each file.
+        dataset_dir: the folder relative paths start from (one datalist only); default: the file's folder.
 
     Raises:
-        ValueError: listing every faulty entry (and the datalist), or when the list is empty.
+        ValueError: listing every faulty entry (and the datalist), or when a list is empty.
     """
     from monai.data import load_decathlon_datalist
     from monai.transforms import LoadImage
 
-    path = Path(datalist)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {str(path)!r} does not exist")
-    base = Path(dataset_dir) if dataset_dir else path.parent
-    try:
-        entries = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=data_list_key,
-                                          base_dir=str(base))
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"datalist {str(path)!r}: no list {data_list_key!r} ({err})") from err
-    if not entries:
-        raise ValueError(f"datalist {str(path)!r}: the list {data_list_key!r} is empty")
+    paths = [Path(datalist)] if isinstance(datalist, (str, os.PathLike)) else [Path(p) for p in datalist]
+    entries = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"datalist {str(path)!r} does not exist")
+        base = Path(dataset_dir) if dataset_dir and len(paths) == 1 else path.parent
+        try:
+            listed = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=data_list_key,
+                                             base_dir=str(base))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"datalist {str(path)!r}: no list {data_list_key!r} ({err})") from err
+        if not listed:
+            raise ValueError(f"datalist {str(path)!r}: the list {data_list_key!r} is empty")
+        with open(path) as handle:
+            modality = str(json.load(handle).get("modality", {}).get("0", ""))
+        entries.extend(dict(entry, modality=modality, datalist=str(path)) for entry in listed)
     reader = LoadImage(image_only=True)
     problems, checked = [], []
     for entry in entries:
@@ -266,13 +284,17 @@ def load_training_datalist(
             continue
         checked.append(dict(entry, classes=classes, case=case))
     if problems:
+        names = ", ".join(repr(str(p)) for p in paths)
         raise ValueError(
-            f"datalist {str(path)!r} ({data_list_key!r}): {len(problems)} of {len(entries)} entries are unusable:\n  "
+            f"datalist {names} ({data_list_key!r}): {len(problems)} of {len(entries)} entries are unusable:\n  "
             + "\n  ".join(problems)
         )
     return checked
 
 
-def expand_targets(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (case, class present): the validation targets."""
-    return [dict(entry, target_class=c) for entry in entries for c in entry["classes"]]
+def expand_targets(entries: Sequence[Mapping[str, Any]], max_targets: int | None = None) -> list[dict[str, Any]]:
+    """One entry per (case, class present): the validation targets; at most ``max_targets``, evenly spaced."""
+    targets = [dict(entry, target_class=c) for entry in entries for c in entry["classes"]]
+    if max_targets is not None and len(targets) > max_targets:
+        targets = [targets[round(i * len(targets) / max_targets)] for i in range(max_targets)]
+    return targets

@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 from monai.data.utils import compute_importance_map
 from monai.inferers import Inferer
 
-from .networks.sam_med3d import upsample_logits
+from .networks.sam_med3d import LOW_RES_UPSCALE, upsample_logits
 from .prompts import deepest_point
 from .transforms import PROMPT_REPORT, extract_window, normalize_crop
 
@@ -52,6 +52,7 @@ class PromptedWindowInferer(Inferer):
         sigma_scale: of the Gaussian blending map, relative to the window.
         intensity_normalization: applied to each window before encoding (default :func:`normalize_crop`,
             as upstream); None passes the raw intensities.
+        prev_mask_logit: magnitude of the logits that an earlier mask (``prev_mask``) stands for as a prompt.
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class PromptedWindowInferer(Inferer):
         autocast_dtype: str | None = None,
         sigma_scale: float = 0.125,
         intensity_normalization: Callable[[torch.Tensor], torch.Tensor] | None = normalize_crop,
+        prev_mask_logit: float = 4.0,
     ) -> None:
         super().__init__()
         if click_memory not in ("all", "newest"):
@@ -80,6 +82,7 @@ class PromptedWindowInferer(Inferer):
         self.autocast_dtype = autocast_dtype
         self.sigma_scale = sigma_scale
         self.intensity_normalization = intensity_normalization
+        self.prev_mask_logit = prev_mask_logit
 
     def _autocast(self, device: torch.device):
         dtype = _AUTOCAST_DTYPES.get(self.autocast_dtype) if self.autocast_dtype else None
@@ -92,6 +95,8 @@ class PromptedWindowInferer(Inferer):
         point_coords: torch.Tensor,
         point_labels: torch.Tensor,
         *args,
+        object_labels: torch.Tensor | None = None,
+        prev_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Per-object logits for a batch of volumes.
@@ -101,6 +106,10 @@ class PromptedWindowInferer(Inferer):
             network: see the module docstring.
             point_coords: ``(B, n_objects, n_max, 3)`` voxel indices of ``inputs``, array order.
             point_labels: ``(B, n_objects, n_max)``: 1 positive, 0 negative, -1 padding.
+            object_labels: ``(B, n_objects)`` label of each object in ``prev_mask``.
+            prev_mask: ``(B, 1, D, H, W)`` an earlier label map to continue from (an empty tensor or None:
+                none). Each object's earlier region is its first mask prompt in every window, the source of a
+                positive click for a window without one, and is kept where no window of this call reaches.
 
         Returns:
             ``(B, n_objects, D, H, W)`` logits (``BACKGROUND_LOGIT`` where no window reached); a MetaTensor
@@ -108,7 +117,12 @@ class PromptedWindowInferer(Inferer):
         """
         outputs, reports = [], []
         for b in range(inputs.shape[0]):
-            logits, report = self.segment_volume(inputs[b], network, point_coords[b], point_labels[b])
+            previous = None
+            if prev_mask is not None and prev_mask.numel() > 0:
+                if object_labels is None:
+                    raise ValueError("prev_mask needs object_labels to find each object's earlier region")
+                previous = torch.stack([prev_mask[b, 0] == label for label in object_labels[b].tolist()])
+            logits, report = self.segment_volume(inputs[b], network, point_coords[b], point_labels[b], previous)
             outputs.append(logits)
             reports.append(json.dumps(report))
         result = torch.stack(outputs)
@@ -119,10 +133,16 @@ class PromptedWindowInferer(Inferer):
         return result
 
     def segment_volume(
-        self, image: torch.Tensor, network: torch.nn.Module, coords: torch.Tensor, labels: torch.Tensor
+        self,
+        image: torch.Tensor,
+        network: torch.nn.Module,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        previous: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """One volume ``(1, D, H, W)``, its objects' clicks ``(n_objects, n_max, 3)`` / ``(n_objects, n_max)``
-        -> logits ``(n_objects, D, H, W)`` and a report (windows and seconds per object)."""
+        and optionally their earlier masks ``(n_objects, D, H, W)`` -> logits ``(n_objects, D, H, W)`` and a
+        report (windows and seconds per object)."""
         image = image.as_tensor() if isinstance(image, MetaTensor) else image
         size = int(self.roi_size or network.img_size)
         stride = int(self.stride or size // 2)
@@ -130,6 +150,8 @@ class PromptedWindowInferer(Inferer):
                                             device=image.device)
         embeddings: dict[tuple[int, ...], torch.Tensor] = {}
         out = image.new_full((coords.shape[0], *image.shape[1:]), BACKGROUND_LOGIT, dtype=torch.float32)
+        if previous is not None:
+            out[previous.to(out.device)] = -BACKGROUND_LOGIT
         report = {"objects": []}
         for index in range(coords.shape[0]):
             started = time.perf_counter()
@@ -137,7 +159,8 @@ class PromptedWindowInferer(Inferer):
             object_coords = coords[index][valid].float().cpu()
             object_labels = labels[index][valid].long().cpu()
             windows, encoded = self._segment_object(
-                image, network, object_coords, object_labels, size, stride, importance, embeddings, out[index]
+                image, network, object_coords, object_labels, size, stride, importance, embeddings, out[index],
+                None if previous is None else previous[index].to(image.device),
             )
             report["objects"].append(
                 {"windows": [list(w) for w in windows], "windows_encoded": encoded,
@@ -152,12 +175,13 @@ class PromptedWindowInferer(Inferer):
                 return start
         return tuple(int(round(float(p))) - size // 2 for p in point)
 
-    def _segment_object(self, image, network, coords, labels, size, stride, importance, embeddings, out):
+    def _segment_object(self, image, network, coords, labels, size, stride, importance, embeddings, out, previous):
         spatial = image.shape[1:]
         logit_sum = torch.zeros(spatial, dtype=torch.float32, device=image.device)
         weight_sum = torch.zeros_like(logit_sum)
-        first_positive = coords[int(torch.nonzero(labels == 1)[0, 0])]
-        queue = deque([self._first_window(first_positive, size, embeddings)])
+        positives = torch.nonzero(labels == 1)
+        first = coords[int(positives[0, 0])] if len(positives) else coords[0]  # no positive: continuing prev_mask
+        queue = deque([self._first_window(first, size, embeddings)])
         for point in coords:
             if not any(_inside(point, start, size) for start in queue):
                 queue.append(tuple(int(round(float(p))) - size // 2 for p in point))
@@ -167,9 +191,12 @@ class PromptedWindowInferer(Inferer):
             inside = torch.tensor([_inside(p, start, size) for p in coords], dtype=torch.bool)
             local_coords = coords[inside] - torch.tensor(start, dtype=torch.float32)
             local_labels = labels[inside]
+            prior = None if previous is None else extract_window(previous[None], start, size)[0]
             if not (local_labels == 1).any():
                 region = extract_window((weight_sum > 0)[None] & (logit_sum > 0)[None], start, size)[0]
                 pseudo = deepest_point(region)
+                if pseudo is None and prior is not None:
+                    pseudo = deepest_point(prior)
                 if pseudo is None:
                     continue
                 local_coords = torch.cat([pseudo[None], local_coords])
@@ -181,7 +208,7 @@ class PromptedWindowInferer(Inferer):
                 with torch.no_grad(), self._autocast(image.device):
                     embeddings[start] = network.encode(crop[None])
                 encoded += 1
-            window_logits = self._apply_clicks(network, embeddings[start], local_coords, local_labels, size)
+            window_logits = self._apply_clicks(network, embeddings[start], local_coords, local_labels, size, prior)
             done.append(start)
             self._accumulate(window_logits, start, importance, logit_sum, weight_sum)
             for neighbour in self._growth(window_logits, start, size, stride, spatial):
@@ -192,10 +219,15 @@ class PromptedWindowInferer(Inferer):
         out[covered] = logit_sum[covered] / weight_sum[covered]
         return done, encoded
 
-    def _apply_clicks(self, network, embedding, coords, labels, size) -> torch.Tensor:
+    def _apply_clicks(self, network, embedding, coords, labels, size, prior=None) -> torch.Tensor:
         device = embedding.device
         coords, labels = coords.to(device), labels.to(device)
         low_res = None
+        if prior is not None and prior.any():
+            # the earlier mask as logits of +-prev_mask_logit at the decoder's mask-prompt resolution
+            low_res_size = [LOW_RES_UPSCALE * g for g in embedding.shape[2:]]
+            fraction = torch.nn.functional.interpolate(prior[None, None].float(), size=low_res_size, mode="area")
+            low_res = (2 * fraction - 1) * self.prev_mask_logit
         with torch.no_grad(), self._autocast(device):
             for step in range(len(coords)):
                 first = 0 if self.click_memory == "all" else step

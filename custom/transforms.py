@@ -76,6 +76,31 @@ class EnsureVolumed(MapTransform):
         return d
 
 
+class MatchPrevMaskd(MapTransform):
+    """After the spatial pre-processing: check that an earlier mask (``prev_mask``) matches its image (same
+    stored shape and, resampled alike, the same grid); give cases without one an empty tensor, so that every
+    batch carries the key."""
+
+    def __init__(self, keys: KeysCollection = "prev_mask", image_key: str = "image") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        for key in self.keys:
+            if key not in d:
+                d[key] = torch.zeros(0)
+                continue
+            stored = [tuple(np.asarray(x.meta.get("spatial_shape", x.shape[1:])).tolist()) for x in (d[key], image)]
+            if stored[0] != stored[1] or tuple(d[key].shape) != tuple(image.shape):
+                raise CaseError(
+                    f"{_source_name(d[key])}: prev_mask of shape {stored[0]} does not match its image "
+                    f"{_source_name(image)} of shape {stored[1]} (or lies on another grid)"
+                )
+        return d
+
+
 class ClicksToWorldd(MapTransform):
     """Check each object's clicks against the loaded image and express them in world coordinates.
 
@@ -293,6 +318,25 @@ class CropAroundTargetd(MapTransform, Randomizable):
             affine[:3, 3] = affine[:3, :3] @ torch.as_tensor(start, dtype=torch.float64) + affine[:3, 3]
             crop = extract_window(image, start.tolist(), sizes.tolist())
             d[key] = MetaTensor(crop, affine=affine, meta={k: v for k, v in image.meta.items() if k != "affine"})
+        return d
+
+
+class ClampByModalityd(MapTransform):
+    """Clamp intensities to the range given for the item's modality (``ranges["CT"] = (-1000, 1000)`` as in
+    upstream training); other modalities pass unchanged. The modality comes from the dataset, not the path."""
+
+    def __init__(self, keys: KeysCollection = "image", modality_key: str = "modality",
+                 ranges: Mapping[str, Sequence[float]] | None = None) -> None:
+        super().__init__(keys)
+        self.modality_key = modality_key
+        self.ranges = {k.upper(): tuple(v) for k, v in (ranges if ranges is not None else {"CT": (-1000, 1000)}).items()}
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        bounds = self.ranges.get(str(d.get(self.modality_key, "")).upper())
+        if bounds is not None:
+            for key in self.key_iterator(d):
+                d[key] = d[key].clamp(*bounds)
         return d
 
 

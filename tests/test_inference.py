@@ -316,3 +316,61 @@ def test_bundle_run_on_the_shipped_sample(tmp_path):
     np.testing.assert_allclose(affine, source.affine, atol=1e-5)
     assert [o["label"] for o in report["objects"]] == [1, 2, 3, 4, 7]
     assert set(np.unique(mask)) <= {0, 1, 2, 3, 4, 7}
+
+
+class MaskEchoNetwork(ThresholdNetwork):
+    """decode: the mask prompt it was given (zeros without one): shows what ``prev_mask`` feeds the model."""
+
+    def decode(self, embedding, point_coords, point_labels, mask_input=None):
+        if mask_input is None:
+            mask_input = torch.full((embedding.shape[0], 1, *[4 * s for s in embedding.shape[2:]]), -4.0)
+        return mask_input, embedding.new_zeros(embedding.shape[0], 1)
+
+
+def test_prev_mask_continues_an_earlier_result(tmp_path):
+    shape = (24, 28, 20)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    path = write_nifti(tmp_path / "cont.nii.gz", np.full(shape, 100.0), affine)
+    earlier = np.zeros(shape, np.int16)
+    earlier[4:12, 8:20, 5:15] = 2
+    earlier[15:20, 2:6, 2:6] = 5  # another object of the earlier result: not asked for, not returned
+    nib.Nifti1Image(earlier, affine).to_filename(tmp_path / "earlier.nii.gz")
+    entry = {"image": path, "prev_mask": str(tmp_path / "earlier.nii.gz"),
+             "objects": [{"label": 2, "points": [[8, 2, 10]], "point_labels": [0]}]}  # a negative click only
+    out = run_inference(tmp_path, MaskEchoNetwork(), input_dict=entry)
+    mask, _, _ = read_output(out, "cont")
+    np.testing.assert_array_equal(mask == 2, earlier == 2)
+    assert set(np.unique(mask)) == {0, 2}
+
+
+def test_prev_mask_must_match_its_image(tmp_path):
+    path = write_nifti(tmp_path / "img.nii.gz", np.full((10, 10, 10), 100.0), np.eye(4))
+    nib.Nifti1Image(np.zeros((10, 10, 9), np.int16), np.eye(4)).to_filename(tmp_path / "old.nii.gz")
+    entry = {"image": path, "prev_mask": str(tmp_path / "old.nii.gz"), "points": [[5, 5, 5]], "point_labels": [1]}
+    with pytest.raises(RuntimeError) as err:
+        run_inference(tmp_path, ThresholdNetwork(), input_dict=entry)
+    assert "old.nii.gz: prev_mask of shape (10, 10, 9) does not match its image" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_itk_formats_land_on_the_same_grid_as_nifti(tmp_path, suffix):
+    import itk
+
+    rng = np.random.default_rng(1)
+    volume = np.where(rng.random((12, 14, 16)) > 0.6, 100.0, 10.0).astype(np.float32)  # ITK array order z, y, x
+    image = itk.image_from_array(volume)
+    image.SetSpacing([1.5, 1.5, 1.5])
+    image.SetOrigin([10.0, -20.0, 5.0])
+    itk.imwrite(image, str(tmp_path / f"vol{suffix}"))
+    # the same volume as NIfTI: x, y, z array order, LPS origin turned into a RAS affine
+    ras = np.diag([-1.5, -1.5, 1.5, 1.0])
+    ras[:3, 3] = [-10.0, 20.0, 5.0]
+    write_nifti(tmp_path / "vol.nii.gz", volume.transpose(2, 1, 0), ras)
+    click = {"points": [[3, 4, 5]], "point_labels": [1]}
+    out_itk = run_inference(tmp_path / "a", ThresholdNetwork(), input_dict=dict(click, image=str(tmp_path / f"vol{suffix}")))
+    out_nii = run_inference(tmp_path / "b", ThresholdNetwork(), input_dict=dict(click, image=str(tmp_path / "vol.nii.gz")))
+    mask_itk, affine_itk, _ = read_output(out_itk, "vol")
+    mask_nii, affine_nii, _ = read_output(out_nii, "vol")
+    np.testing.assert_allclose(affine_itk, affine_nii, atol=1e-5)
+    np.testing.assert_array_equal(mask_itk, mask_nii)
+    np.testing.assert_array_equal(mask_nii > 0, volume.transpose(2, 1, 0) > 50)

@@ -48,6 +48,22 @@ SAM_MED3D_VARIANTS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingP
                 mask_in_chans=16,
             )
         ),
+        # Trained by this bundle on a CPU: 64^3 windows (96 mm at 1.5 mm) of 8^3 patches, all blocks global.
+        "sam_med3d_lite": MappingProxyType(
+            dict(
+                image_size=64,
+                patch_size=8,
+                encoder_embed_dim=384,
+                encoder_depth=6,
+                encoder_num_heads=6,
+                encoder_global_attn_indexes=(),
+                window_size=0,
+                prompt_embed_dim=192,
+                decoder_heads=8,
+                decoder_mlp_dim=1024,
+                mask_in_chans=16,
+            )
+        ),
         "sam_med3d_tiny": MappingProxyType(
             dict(
                 image_size=128,
