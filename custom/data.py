@@ -188,6 +188,21 @@ class CaseList:
             except CaseError as err:
                 self.report_failure(str(err))
 
+    @classmethod
+    def labelled(
+        cls,
+        datalist: str | os.PathLike | Sequence[str | os.PathLike],
+        data_list_key: str = "validation",
+        dataset_dir: str | os.PathLike | None = None,
+    ) -> CaseList:
+        """Labelled cases for evaluation: unusable entries are reported as failures, the rest are kept."""
+        cases = cls.__new__(cls)
+        cases.failures = []
+        cases.cases, problems = check_labelled_entries(read_labelled_datalist(datalist, data_list_key, dataset_dir))
+        for problem in problems:
+            cases.report_failure(problem)
+        return cases
+
     def report_failure(self, message: str) -> None:
         logger.error(message)
         self.failures.append(message)
@@ -221,28 +236,20 @@ class FaultTolerantDataset(IterableDataset):
                 self.case_list.report_failure(f"case {item['case']!r}: {type(cause).__name__}: {cause}")
 
 
-def load_training_datalist(
+def read_labelled_datalist(
     datalist: str | os.PathLike | Sequence[str | os.PathLike],
     data_list_key: str = "training",
     dataset_dir: str | os.PathLike | None = None,
-    min_target_voxels: int = 1,
 ) -> list[dict[str, Any]]:
-    """Entries of one or several MSD-style ``dataset.json`` files, checked before training starts.
-
-    Every image and label must exist and be readable, have the same spatial shape and hold at least one
-    class with ``min_target_voxels`` voxels. Each entry gains ``classes`` (the labels present), ``case`` and
+    """Entries of one or several MSD-style ``dataset.json`` files, paths made absolute; each entry gains
     ``modality`` (the dataset's ``modality["0"]``, e.g. ``"CT"``, which chooses the intensity clamping).
 
     Args:
         datalist: one file or a list of files.
         data_list_key: the list to read in each file.
         dataset_dir: the folder relative paths start from (one datalist only); default: the file's folder.
-
-    Raises:
-        ValueError: listing every faulty entry (and the datalist), or when a list is empty.
     """
     from monai.data import load_decathlon_datalist
-    from monai.transforms import LoadImage
 
     paths = [Path(datalist)] if isinstance(datalist, (str, os.PathLike)) else [Path(p) for p in datalist]
     entries = []
@@ -259,7 +266,18 @@ def load_training_datalist(
             raise ValueError(f"datalist {str(path)!r}: the list {data_list_key!r} is empty")
         with open(path) as handle:
             modality = str(json.load(handle).get("modality", {}).get("0", ""))
-        entries.extend(dict(entry, modality=modality, datalist=str(path)) for entry in listed)
+        entries.extend(dict(entry, modality=modality) for entry in listed)
+    return entries
+
+
+def check_labelled_entries(
+    entries: Sequence[Mapping[str, Any]], min_target_voxels: int = 1
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Split entries into usable ones and problems: every image and label must exist and be readable, have the
+    same spatial shape and hold a class of at least ``min_target_voxels`` voxels. Usable entries gain
+    ``classes`` (the labels present) and ``case``."""
+    from monai.transforms import LoadImage
+
     reader = LoadImage(image_only=True)
     problems, checked = [], []
     for entry in entries:
@@ -271,7 +289,7 @@ def load_training_datalist(
         try:
             image_shape = tuple(reader(entry["image"]).shape)
             label = reader(entry["label"])
-        except Exception as err:  # report unreadable files with the others, then stop
+        except Exception as err:  # report unreadable files with the others
             problems.append(f"{case}: unreadable ({type(err).__name__}: {err})")
             continue
         if tuple(label.shape) != image_shape:
@@ -283,11 +301,27 @@ def load_training_datalist(
             problems.append(f"{case}: the label has no foreground voxel")
             continue
         checked.append(dict(entry, classes=classes, case=case))
+    return checked, problems
+
+
+def load_training_datalist(
+    datalist: str | os.PathLike | Sequence[str | os.PathLike],
+    data_list_key: str = "training",
+    dataset_dir: str | os.PathLike | None = None,
+    min_target_voxels: int = 1,
+) -> list[dict[str, Any]]:
+    """:func:`read_labelled_datalist` then :func:`check_labelled_entries`, before training starts.
+
+    Raises:
+        ValueError: listing every faulty entry (and the datalist), or when a list is empty.
+    """
+    entries = read_labelled_datalist(datalist, data_list_key, dataset_dir)
+    checked, problems = check_labelled_entries(entries, min_target_voxels)
     if problems:
-        names = ", ".join(repr(str(p)) for p in paths)
+        names = datalist if isinstance(datalist, (str, os.PathLike)) else ", ".join(map(str, datalist))
         raise ValueError(
-            f"datalist {names} ({data_list_key!r}): {len(problems)} of {len(entries)} entries are unusable:\n  "
-            + "\n  ".join(problems)
+            f"datalist {str(names)!r} ({data_list_key!r}): {len(problems)} of {len(entries)} entries are "
+            "unusable:\n  " + "\n  ".join(problems)
         )
     return checked
 

@@ -139,16 +139,21 @@ class PromptedWindowInferer(Inferer):
         coords: torch.Tensor,
         labels: torch.Tensor,
         previous: torch.Tensor | None = None,
+        embeddings: dict[tuple[int, ...], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """One volume ``(1, D, H, W)``, its objects' clicks ``(n_objects, n_max, 3)`` / ``(n_objects, n_max)``
         and optionally their earlier masks ``(n_objects, D, H, W)`` -> logits ``(n_objects, D, H, W)`` and a
-        report (windows and seconds per object)."""
+        report (windows and seconds per object).
+
+        ``embeddings`` (window start -> embedding) may be passed to share encoded windows across calls on the
+        same volume (as evaluation does from click to click); by default each call starts empty.
+        """
         image = image.as_tensor() if isinstance(image, MetaTensor) else image
         size = int(self.roi_size or network.img_size)
         stride = int(self.stride or size // 2)
         importance = compute_importance_map((size,) * 3, mode="gaussian", sigma_scale=self.sigma_scale,
                                             device=image.device)
-        embeddings: dict[tuple[int, ...], torch.Tensor] = {}
+        embeddings = {} if embeddings is None else embeddings
         out = image.new_full((coords.shape[0], *image.shape[1:]), BACKGROUND_LOGIT, dtype=torch.float32)
         if previous is not None:
             out[previous.to(out.device)] = -BACKGROUND_LOGIT
@@ -166,7 +171,7 @@ class PromptedWindowInferer(Inferer):
                 {"windows": [list(w) for w in windows], "windows_encoded": encoded,
                  "seconds": round(time.perf_counter() - started, 3)}
             )
-        report["embeddings_computed"] = len(embeddings)
+        report["embeddings_computed"] = sum(o["windows_encoded"] for o in report["objects"])
         return out, report
 
     def _first_window(self, point: torch.Tensor, size: int, embeddings: dict) -> tuple[int, ...]:

@@ -1,9 +1,11 @@
-"""Clicks: where they come from when no user gives them.
+"""Clicks: where they come from when no user gives them (window growth, training and evaluation protocols).
 
-Coordinates are voxel indices in array order, as float tensors ``(3,)``.
+Coordinates are voxel indices in array order, as float tensors ``(3,)``; masks are ``(D, H, W)`` bool.
 """
 
 from __future__ import annotations
+
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -42,3 +44,56 @@ def uniform_error_click(
         return None
     pick = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
     return pick.float(), int(target[tuple(pick)])
+
+
+def inner_core_click(
+    prediction: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int] | None:
+    """The paper-era click (reference §4): from the larger error region (false negatives or false positives,
+    whichever reaches farther from its border by Euclidean distance transform), uniformly among its voxels
+    farther than half that maximum from the border. Positive on a false negative."""
+    false_negative = (target & ~prediction).cpu().numpy()
+    false_positive = (prediction & ~target).cpu().numpy()
+    best = None
+    for region, label in ((false_negative, 1), (false_positive, 0)):
+        if region.any():
+            distance = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
+            if best is None or distance.max() > best[0].max():
+                best = (distance, label)
+    if best is None:
+        return None
+    distance, label = best
+    candidates = torch.as_tensor(np.argwhere(distance > distance.max() / 2))
+    if len(candidates) == 0:  # a one-voxel-thick region: its maximum is its only depth
+        candidates = torch.as_tensor(np.argwhere(distance == distance.max()))
+    pick = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
+    return pick.float(), label
+
+
+def paper_click(
+    prediction: torch.Tensor, target: torch.Tensor, click_index: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int] | None:
+    """Clicks 1 and 2 from the inner core of the larger error region, later ones uniform in the error region."""
+    if click_index <= 2:
+        return inner_core_click(prediction, target, generator)
+    return uniform_error_click(prediction, target, generator)
+
+
+def uniform_click(
+    prediction: torch.Tensor, target: torch.Tensor, click_index: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int] | None:
+    """Every click uniform in the error region (the first one therefore uniform in the target)."""
+    return uniform_error_click(prediction, target, generator)
+
+
+#: Named click-simulation protocols: ``(prediction, target, click_index (1-based), generator) -> click``.
+CLICK_PROTOCOLS = MappingProxyType({"uniform": uniform_click, "paper": paper_click})
+
+
+def simulated_click(
+    protocol: str, prediction: torch.Tensor, target: torch.Tensor, click_index: int, generator: torch.Generator
+) -> tuple[torch.Tensor, int] | None:
+    """The next click of a named protocol (see :data:`CLICK_PROTOCOLS`)."""
+    if protocol not in CLICK_PROTOCOLS:
+        raise ValueError(f"unknown click protocol {protocol!r}; known: {sorted(CLICK_PROTOCOLS)}")
+    return CLICK_PROTOCOLS[protocol](prediction, target, click_index, generator)
