@@ -193,6 +193,21 @@ def parameter_groups(
     return groups
 
 
+def freeze_untrained_heads(network: nn.Module) -> nn.Module:
+    """Stop gradients to the parts the interactive training never uses (``no_mask_embed``, the hypernetworks of
+    mask tokens 1-3, the IoU head), so that DDP can all-reduce without ``find_unused_parameters``."""
+    for name, param in network.named_parameters():
+        unused = (
+            name.startswith("prompt_encoder.no_mask_embed.")
+            or name.startswith("mask_decoder.iou_prediction_head.")
+            or (name.startswith("mask_decoder.output_hypernetworks_mlps.") and not name.startswith(
+                "mask_decoder.output_hypernetworks_mlps.0."))
+        )
+        if unused:
+            param.requires_grad_(False)
+    return network
+
+
 class SaveLatestCheckpoint:
     """Trainer handler: after every epoch, ``<output_dir>/model_latest.pt`` (``{"model": state_dict}``) and
     ``<output_dir>/training_state.pt`` (network, optimizer, scheduler, trainer, scaler: what ``--resume``
@@ -215,8 +230,6 @@ class SaveLatestCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        if getattr(engine.state, "rank", 0):
-            return
         save_atomic({"model": self.network.state_dict()}, self.output_dir / "model_latest.pt")
         state = {name: obj.state_dict() for name, obj in self.state_objects.items() if obj is not None}
         save_atomic(state, self.output_dir / "training_state.pt")

@@ -123,3 +123,21 @@ def test_datalist_faults_are_all_reported(tmp_path):
 def test_checked_entries_list_the_classes_present():
     entries = load_training_datalist(MINI / "dataset.json", "validation")
     assert [e["classes"] for e in entries] == [[1, 2], [1, 2]]
+
+
+def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(REPO_ROOT / "tests" / "ddp_worker.py"), str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["iterations"] == ranks[1]["iterations"] == 2
+    for key, value in ranks[0]["final"].items():
+        assert torch.equal(value, ranks[1]["final"][key]), key
+    changed = [k for k, v in ranks[0]["final"].items() if not torch.equal(v, ranks[0]["initial"][k])]
+    assert "image_encoder.blocks.0.attn.qkv.weight" in changed and "mask_decoder.iou_token.weight" in changed
