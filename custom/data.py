@@ -5,7 +5,8 @@ one object::
 
     {"image": "ct.nii.gz", "points": [[i, j, k], ...], "point_labels": [1, 0, ...]}
 
-(``points_world`` instead of ``points`` gives millimetres in RAS world coordinates), or for several::
+(``points_world`` instead of ``points`` gives millimetres in RAS world coordinates; an optional ``modality``,
+e.g. ``"CT"``, chooses the intensity clamping as in training), or for several::
 
     {"image": "ct.nii.gz", "objects": [{"label": 1, "points": ..., "point_labels": ...}, ...]}
 
@@ -125,7 +126,7 @@ def parse_case(entry: Mapping[str, Any], base_dir: str | os.PathLike | None = No
             raise CaseError(f"case {case!r}: object labels must be distinct, got {labels}")
     else:
         parsed = [_parse_object(case, entry, int(entry.get("label", 1)), "object 0 (label 1)", need_positive)]
-    normalised = {"image": str(image), "case": case, "objects": parsed}
+    normalised = {"image": str(image), "case": case, "objects": parsed, "modality": str(entry.get("modality", ""))}
     if entry.get("prev_mask"):
         prev = Path(str(entry["prev_mask"])).expanduser()
         if base_dir is not None and not prev.is_absolute():
