@@ -1,0 +1,203 @@
+"""Speed and memory of the network and the workflows on this machine: one table, ratios measured in the same run.
+
+    python benchmarks/run.py                 # everything (several minutes on 2 cores)
+    python benchmarks/run.py --only encoder  # one group: encoder, click, case, training
+
+Each figure is the median of several runs after a warm-up, with ``torch.set_num_threads(2)``; each row runs
+in its own process, so that its peak resident memory (``ru_maxrss``) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+THREADS = 2
+
+
+def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _autocast(dtype):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def bench_encoder(mode: str, repeats: int) -> dict:
+    """Released configuration, one 128^3 crop: ``fast-fp32``, ``fast-bf16`` or ``padded-fp32``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from custom.networks import build_sam_med3d
+
+    fast, dtype = mode.split("-")
+    network = build_sam_med3d("sam_med3d", fast_window_attention=fast == "fast").eval()
+    image = torch.randn(1, 1, 128, 128, 128)
+
+    def run():
+        with torch.no_grad(), _autocast(dtype):
+            network.encode(image)
+
+    seconds = _median_seconds(run, repeats)
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return {"seconds": seconds, "gflop": counter.get_total_flops() / 1e9}
+
+
+def bench_matmul(dtype: str, repeats: int) -> dict:
+    """A large matmul: what this machine's matrix units reach."""
+    n = 4096
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
+    seconds = _median_seconds(lambda: a @ b, repeats)
+    return {"seconds": seconds, "gflop": 2 * n**3 / 1e9}
+
+
+def bench_click(dtype: str, repeats: int) -> dict:
+    """One further click on a computed embedding: decode, upsample to 128^3, paste into the crop's volume."""
+    from custom.networks import build_sam_med3d, upsample_logits
+
+    network = build_sam_med3d("sam_med3d").eval()
+    with torch.no_grad():
+        embedding = network.encode(torch.randn(1, 1, 128, 128, 128))
+    volume = torch.zeros(160, 160, 160)
+    previous = torch.zeros(1, 1, 32, 32, 32)
+
+    def run():
+        with torch.no_grad(), _autocast(dtype):
+            low_res, _ = network.decode(embedding, torch.tensor([[[64.0, 60, 70]]]), torch.tensor([[1]]), previous)
+        volume[10:138, 20:148, 5:133] = upsample_logits(low_res.float(), (128, 128, 128))[0, 0]
+
+    return {"seconds": _median_seconds(run, repeats)}
+
+
+def bench_case(dtype: str, repeats: int) -> dict:
+    """A CT-sized volume (512 x 512 x 100 at 0.8 x 0.8 x 5 mm) from file to saved mask, one click, the released
+    configuration, through ``bundle/configs/inference.json``."""
+    import nibabel as nib
+    import numpy as np
+    from monai.bundle import ConfigWorkflow
+
+    from custom.networks import build_sam_med3d, save_atomic
+
+    folder = Path(tempfile.mkdtemp())
+    volume = np.random.default_rng(0).normal(0, 300, (512, 512, 100)).astype(np.int16)
+    nib.Nifti1Image(volume, np.diag([0.8, 0.8, 5.0, 1.0])).to_filename(folder / "ct.nii.gz")
+    save_atomic({"model": build_sam_med3d("sam_med3d").state_dict()}, folder / "model.pt")
+
+    def run():
+        workflow = ConfigWorkflow(
+            config_file=str(REPO / "bundle/configs/inference.json"), workflow_type="infer",
+            bundle_root=str(REPO / "bundle"), network_name="sam_med3d", ckpt_path=str(folder / "model.pt"),
+            output_dir=str(folder / "out"), autocast_dtype="bfloat16" if dtype == "bf16" else None,
+            input_dict={"image": str(folder / "ct.nii.gz"), "points": [[256, 256, 50]], "point_labels": [1],
+                        "modality": "CT"},
+        )
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+
+    return {"seconds": _median_seconds(run, repeats)}
+
+
+def bench_training(spec: str, repeats: int) -> dict:
+    """Training steps per second (11 click steps, batch 2, 128^3): ``<network>-<fp32|bf16>``."""
+    from monai.losses import DiceCELoss
+
+    from custom.engines import InteractiveSegmentation
+    from custom.networks import build_sam_med3d
+
+    name, dtype = spec.rsplit("-", 1)
+    network = build_sam_med3d(name)
+    size = network.img_size
+    model = InteractiveSegmentation(network)
+    optimizer = torch.optim.AdamW(network.parameters(), 1e-4)
+    loss_function = DiceCELoss(sigmoid=True, squared_pred=True)
+    image = torch.randn(2, 1, size, size, size)
+    target = torch.zeros(2, 1, size, size, size)
+    target[:, :, size // 4 : size // 2, size // 4 : size // 2, size // 4 : size // 2] = 1
+
+    def step():
+        optimizer.zero_grad()
+        with _autocast(dtype):
+            logits = model(image, target, torch.Generator().manual_seed(0))
+        loss = sum(loss_function(step_logits.float(), target) for step_logits in logits)
+        loss.backward()
+        optimizer.step()
+
+    seconds = _median_seconds(step, repeats)
+    return {"seconds": seconds, "steps_per_second": 1 / seconds}
+
+
+ROWS = {
+    "encoder": [("encoder", "fast-fp32", 3), ("encoder", "fast-bf16", 3), ("encoder", "padded-fp32", 2),
+                ("matmul", "fp32", 5), ("matmul", "bf16", 5)],
+    "click": [("click", "fp32", 10), ("click", "bf16", 10)],
+    "case": [("case", "fp32", 2), ("case", "bf16", 2)],
+    "training": [("training", "sam_med3d_lite-fp32", 3), ("training", "sam_med3d_lite-bf16", 3),
+                 ("training", "sam_med3d_small-bf16", 2), ("training", "sam_med3d-bf16", 2)],
+}
+BENCHES = {"encoder": bench_encoder, "matmul": bench_matmul, "click": bench_click, "case": bench_case,
+           "training": bench_training}
+
+
+def _child(kind: str, spec: str, repeats: int) -> None:
+    torch.set_num_threads(THREADS)
+    result = BENCHES[kind](spec, repeats)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(ROWS), action="append")
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "SPEC", "REPEATS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child[0], args.child[1], int(args.child[2]))
+        return
+    results = {}
+    for group in args.only or list(ROWS):
+        for kind, spec, repeats in ROWS[group]:
+            out = subprocess.run([sys.executable, __file__, "--child", kind, spec, str(repeats)],
+                                 capture_output=True, text=True, cwd=REPO)
+            if out.returncode:
+                print(f"{kind} {spec} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            results[(kind, spec)] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n{'measurement':<34}{'seconds':>10}{'GFLOP/s':>10}{'peak MB':>10}  note")
+    for (kind, spec), r in results.items():
+        gflops = f"{r['gflop'] / r['seconds']:>10.1f}" if "gflop" in r else f"{'':>10}"
+        note = f"{r['steps_per_second']:.3f} steps/s" if "steps_per_second" in r else ""
+        print(f"{kind + ' ' + spec:<34}{r['seconds']:>10.3f}{gflops}{r['peak_rss_mb']:>10.0f}  {note}")
+    padded, fast = results.get(("encoder", "padded-fp32")), results.get(("encoder", "fast-fp32"))
+    if padded and fast:
+        print(f"\nencoder padded/fast (fp32, same run): {padded['seconds'] / fast['seconds']:.2f}x")
+    bf16 = results.get(("encoder", "fast-bf16"))
+    if bf16 and fast:
+        print(f"encoder fast fp32/bf16: {fast['seconds'] / bf16['seconds']:.2f}x")
+    for dtype in ("fp32", "bf16"):
+        encoder, matmul = results.get(("encoder", f"fast-{dtype}")), results.get(("matmul", dtype))
+        if encoder and matmul:
+            share = (encoder["gflop"] / encoder["seconds"]) / (matmul["gflop"] / matmul["seconds"])
+            print(f"encoder {dtype} GFLOP/s vs 4096^3 matmul {dtype}: {share:.0%}")
+
+
+if __name__ == "__main__":
+    main()

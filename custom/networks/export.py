@@ -1,0 +1,71 @@
+"""``torch.export`` programs of the two halves of a promptable network: encode (once per crop) and one
+prompt step (prompt encoder + mask decoder, once per click). TorchScript is deprecated in this torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class EncodeStep(nn.Module):
+    """``(1, 1, D, H, W)`` normalised crop -> embedding ``(1, C, D/p, H/p, W/p)``."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.network.encode(image)
+
+
+class PromptStep(nn.Module):
+    """Embedding, clicks ``(1, N, 3)`` / ``(1, N)`` and the previous low-res logits -> (logits, iou).
+
+    The first click passes zeros as previous logits (what ``decode(..., mask_input=None)`` does)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, embedding, point_coords, point_labels, mask_input) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.network.decode(embedding, point_coords, point_labels, mask_input)
+
+
+def export_network(
+    network: nn.Module, image_size: int | None = None, max_points: int = 64
+) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram]:
+    """Export the encode and prompt steps of ``network`` (in eval mode) for a cubic crop of ``image_size``
+    (default: the network's), with the number of clicks dynamic up to ``max_points``."""
+    network = network.eval()
+    size = int(image_size or network.img_size)
+    image = torch.zeros(1, 1, size, size, size)
+    with torch.no_grad():
+        embedding = network.encode(image)
+    grid = embedding.shape[2:]
+    low_res = torch.zeros(1, 1, *[4 * g for g in grid])
+    clicks = torch.zeros(1, 2, 3)
+    labels = torch.ones(1, 2, dtype=torch.long)
+    num_points = torch.export.Dim("num_points", min=1, max=max_points)
+    encode = torch.export.export(EncodeStep(network), (image,))
+    prompt = torch.export.export(
+        PromptStep(network),
+        (embedding, clicks, labels, low_res),
+        dynamic_shapes={"embedding": None, "point_coords": {1: num_points}, "point_labels": {1: num_points},
+                        "mask_input": None},
+    )
+    return encode, prompt
+
+
+def save_programs(encode, prompt, output_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``encode.pt2`` and ``prompt_step.pt2`` (``torch.export.save``; load with ``torch.export.load``)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = output_dir / "encode.pt2", output_dir / "prompt_step.pt2"
+    for program, path in zip((encode, prompt), paths):
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.export.save(program, tmp)
+        os.replace(tmp, path)
+    return paths
