@@ -374,3 +374,24 @@ def test_itk_formats_land_on_the_same_grid_as_nifti(tmp_path, suffix):
     np.testing.assert_allclose(affine_itk, affine_nii, atol=1e-5)
     np.testing.assert_array_equal(mask_itk, mask_nii)
     np.testing.assert_array_equal(mask_nii > 0, volume.transpose(2, 1, 0) > 50)
+
+
+def test_dicom_series_folder(tmp_path):
+    import itk
+
+    volume = np.full((12, 16, 18), 10, np.int16)  # z, y, x
+    volume[3:9, 4:12, 5:14] = 100
+    image = itk.image_from_array(volume)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    names = [str(folder / f"slice{i:03d}.dcm") for i in range(volume.shape[0])]
+    writer = itk.ImageSeriesWriter[itk.Image[itk.SS, 3], itk.Image[itk.SS, 2]].New(
+        Input=image, ImageIO=itk.GDCMImageIO.New(), FileNames=names
+    )
+    writer.Update()
+    out = run_inference(tmp_path, ThresholdNetwork(), input_dict={"image": str(folder), "points": [[8, 8, 5]],
+                                                                  "point_labels": [1]})
+    mask, affine, _ = read_output(out, "series")
+    assert mask.shape == (18, 16, 12)  # x, y, z: the stored array order
+    assert boundary_tolerant_equal(mask > 0, volume.transpose(2, 1, 0) > 50)
+    np.testing.assert_allclose(np.abs(np.diag(affine))[:3], [1.0, 1.0, 1.0])
