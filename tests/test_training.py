@@ -141,3 +141,41 @@ def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
         assert torch.equal(value, ranks[1]["final"][key]), key
     changed = [k for k, v in ranks[0]["final"].items() if not torch.equal(v, ranks[0]["initial"][k])]
     assert "image_encoder.blocks.0.attn.qkv.weight" in changed and "mask_decoder.iou_token.weight" in changed
+
+
+def test_clamping_follows_the_dataset_modality():
+    from custom.transforms import ClampByModalityd
+
+    image = torch.tensor([[-3000.0, 0.0, 2500.0]])
+    clamp = ClampByModalityd(keys="image")
+    assert clamp({"image": image, "modality": "CT"})["image"].tolist() == [[-1000.0, 0.0, 1000.0]]
+    assert clamp({"image": image, "modality": "MRI"})["image"].tolist() == image.tolist()
+
+
+@pytest.mark.parametrize("jitter_mm", [0.0, 6.0])
+def test_training_window_is_centred_on_the_target(jitter_mm):
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, ResizeWithPadOrCropd, Spacingd
+
+    from custom.transforms import CropAroundTargetd, SelectTargetd
+
+    affine = torch.diag(torch.tensor([0.9, 1.2, 2.5, 1.0], dtype=torch.float64))
+    label = torch.zeros(1, 80, 60, 30)
+    label[0, 50:60, 10:20, 5:9] = 2
+    label[0, 5:9, 40:50, 20:25] = 1
+    image = torch.randn(1, 80, 60, 30)
+    pipeline = Compose([
+        SelectTargetd(keys="label"),
+        CropAroundTargetd(keys=["image", "label"], roi_size=32, spacing_mm=1.5, jitter_mm=jitter_mm),
+        Spacingd(keys=["image", "label"], pixdim=(1.5, 1.5, 1.5), mode=["bilinear", "nearest"]),
+        ResizeWithPadOrCropd(keys=["image", "label"], spatial_size=(32, 32, 32)),
+    ])
+    pipeline.set_random_state(seed=0)
+    for _ in range(4):
+        out = pipeline({"image": MetaTensor(image, affine=affine), "label": MetaTensor(label, affine=affine),
+                        "target_class": 2, "classes": [1, 2]})
+        assert out["image"].shape == out["label"].shape == (1, 32, 32, 32)
+        target = torch.nonzero(out["label"][0] > 0.5).float()
+        assert len(target) > 0 and set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}
+        centre = (target.min(0).values + target.max(0).values) / 2
+        assert torch.all((centre - 15.5).abs() <= jitter_mm / 1.5 + 1.5), centre
