@@ -143,3 +143,20 @@ def test_convert_script_writes_weights_only_file(tiny, tmp_path):
     fresh = build_sam_med3d("sam_med3d_tiny")
     load_checkpoint(fresh, dst)
     _assert_same_weights(fresh, tiny)
+
+
+def test_convert_to_half_precision_loads_into_float32(tiny, tmp_path):
+    src = tmp_path / "full.pt"
+    torch.save({"model": tiny.state_dict()}, src)
+    dst = tmp_path / "half.pt"
+    cmd = [sys.executable, str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"), "--src", str(src), "--dst",
+           str(dst), "--dtype", "float16"]
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    assert dst.stat().st_size < 0.6 * src.stat().st_size
+    half = torch.load(dst, weights_only=True)["model"]
+    assert half["image_encoder.pos_embed"].dtype == torch.float16
+    fresh = build_sam_med3d("sam_med3d_tiny")
+    load_checkpoint(fresh, dst)
+    weight = fresh.state_dict()["image_encoder.blocks.0.attn.qkv.weight"]
+    assert weight.dtype == torch.float32
+    torch.testing.assert_close(weight, tiny.state_dict()["image_encoder.blocks.0.attn.qkv.weight"], rtol=1e-3, atol=1e-4)

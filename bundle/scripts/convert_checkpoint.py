@@ -14,7 +14,9 @@ import torch
 from custom.networks import build_sam_med3d, load_checkpoint, read_checkpoint, save_atomic
 
 
-def convert(src: str, dst: str, network_name: str | None = None, allow_pickle: bool = False) -> str:
+def convert(
+    src: str, dst: str, network_name: str | None = None, allow_pickle: bool = False, dtype: str | None = None
+) -> str:
     """Write ``dst`` from ``src``.
 
     Args:
@@ -22,11 +24,16 @@ def convert(src: str, dst: str, network_name: str | None = None, allow_pickle: b
         dst: the file to write (atomically).
         network_name: when given, check strictly that the weights fit this registered variant.
         allow_pickle: read ``src`` with ``weights_only=False`` (older upstream files; trusted sources only).
+        dtype: store floating-point tensors as ``"float16"`` or ``"bfloat16"`` (half the size; loading into a
+            float32 network casts them back).
 
     Returns:
         ``dst``.
     """
     state = read_checkpoint(src, allow_pickle=allow_pickle)
+    if dtype is not None:
+        target = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
     if network_name is not None:
         load_checkpoint(build_sam_med3d(network_name), src, strict=True, allow_pickle=allow_pickle)
     save_atomic({"model": {k: v.contiguous() for k, v in state.items()}}, dst)

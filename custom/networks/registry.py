@@ -53,9 +53,9 @@ SAM_MED3D_VARIANTS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingP
             dict(
                 image_size=64,
                 patch_size=8,
-                encoder_embed_dim=384,
+                encoder_embed_dim=256,
                 encoder_depth=6,
-                encoder_num_heads=6,
+                encoder_num_heads=8,
                 encoder_global_attn_indexes=(),
                 window_size=0,
                 prompt_embed_dim=192,
