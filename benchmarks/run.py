@@ -103,11 +103,19 @@ def bench_case(dtype: str, repeats: int) -> dict:
 
     def run():
         workflow = ConfigWorkflow(
-            config_file=str(REPO / "bundle/configs/inference.json"), workflow_type="infer",
-            bundle_root=str(REPO / "bundle"), network_name="sam_med3d", ckpt_path=str(folder / "model.pt"),
-            output_dir=str(folder / "out"), autocast_dtype="bfloat16" if dtype == "bf16" else None,
-            input_dict={"image": str(folder / "ct.nii.gz"), "points": [[256, 256, 50]], "point_labels": [1],
-                        "modality": "CT"},
+            config_file=str(REPO / "bundle/configs/inference.json"),
+            workflow_type="infer",
+            bundle_root=str(REPO / "bundle"),
+            network_name="sam_med3d",
+            ckpt_path=str(folder / "model.pt"),
+            output_dir=str(folder / "out"),
+            autocast_dtype="bfloat16" if dtype == "bf16" else None,
+            input_dict={
+                "image": str(folder / "ct.nii.gz"),
+                "points": [[256, 256, 50]],
+                "point_labels": [1],
+                "modality": "CT",
+            },
         )
         workflow.initialize()
         workflow.run()
@@ -146,15 +154,29 @@ def bench_training(spec: str, repeats: int) -> dict:
 
 
 ROWS = {
-    "encoder": [("encoder", "fast-fp32", 3), ("encoder", "fast-bf16", 3), ("encoder", "padded-fp32", 2),
-                ("matmul", "fp32", 5), ("matmul", "bf16", 5)],
+    "encoder": [
+        ("encoder", "fast-fp32", 3),
+        ("encoder", "fast-bf16", 3),
+        ("encoder", "padded-fp32", 2),
+        ("matmul", "fp32", 5),
+        ("matmul", "bf16", 5),
+    ],
     "click": [("click", "fp32", 10), ("click", "bf16", 10)],
     "case": [("case", "fp32", 2), ("case", "bf16", 2)],
-    "training": [("training", "sam_med3d_lite-fp32", 3), ("training", "sam_med3d_lite-bf16", 3),
-                 ("training", "sam_med3d_small-bf16", 2), ("training", "sam_med3d-bf16", 2)],
+    "training": [
+        ("training", "sam_med3d_lite-fp32", 3),
+        ("training", "sam_med3d_lite-bf16", 3),
+        ("training", "sam_med3d_small-bf16", 2),
+        ("training", "sam_med3d-bf16", 2),
+    ],
 }
-BENCHES = {"encoder": bench_encoder, "matmul": bench_matmul, "click": bench_click, "case": bench_case,
-           "training": bench_training}
+BENCHES = {
+    "encoder": bench_encoder,
+    "matmul": bench_matmul,
+    "click": bench_click,
+    "case": bench_case,
+    "training": bench_training,
+}
 
 
 def _child(kind: str, spec: str, repeats: int) -> None:
@@ -175,8 +197,12 @@ def main() -> None:
     results = {}
     for group in args.only or list(ROWS):
         for kind, spec, repeats in ROWS[group]:
-            out = subprocess.run([sys.executable, __file__, "--child", kind, spec, str(repeats)],
-                                 capture_output=True, text=True, cwd=REPO)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", kind, spec, str(repeats)],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+            )
             if out.returncode:
                 print(f"{kind} {spec} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue

@@ -151,8 +151,10 @@ def read_datalist(path: str | os.PathLike, data_list_key: str | None = None) -> 
     if isinstance(content, Mapping):
         keys = [data_list_key] if data_list_key else [k for k in ("testing", "test", "data") if k in content]
         if not keys or keys[0] not in content:
-            raise ValueError(f"datalist {str(path)!r} has no list under {data_list_key or 'testing/test/data'!r}; "
-                             f"keys: {sorted(content)}")
+            raise ValueError(
+                f"datalist {str(path)!r} has no list under {data_list_key or 'testing/test/data'!r}; "
+                f"keys: {sorted(content)}"
+            )
         content = content[keys[0]]
     if not isinstance(content, list) or not content:
         raise ValueError(f"datalist {str(path)!r} holds no cases")
@@ -259,8 +261,9 @@ def read_labelled_datalist(
             raise FileNotFoundError(f"datalist {str(path)!r} does not exist")
         base = Path(dataset_dir) if dataset_dir and len(paths) == 1 else path.parent
         try:
-            listed = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=data_list_key,
-                                             base_dir=str(base))
+            listed = load_decathlon_datalist(
+                str(path), is_segmentation=True, data_list_key=data_list_key, base_dir=str(base)
+            )
         except (KeyError, ValueError) as err:
             raise ValueError(f"datalist {str(path)!r}: no list {data_list_key!r} ({err})") from err
         if not listed:

@@ -25,14 +25,8 @@ from torch import nn
 
 from .networks.checkpoint import save_atomic
 from .networks.sam_med3d import upsample_logits
+from .precision import autocast, check_autocast_dtype
 from .prompts import uniform_error_click
-
-_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _autocast(device: torch.device, dtype_name: str | None):
-    dtype = _AUTOCAST_DTYPES[dtype_name] if dtype_name else None
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def simulate_clicks(
@@ -117,7 +111,7 @@ class InteractiveTrainingStep:
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
         self.accumulation_steps = accumulation_steps
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self.scaler = scaler
         self.seed = seed
 
@@ -129,7 +123,7 @@ class InteractiveTrainingStep:
             engine.optimizer.zero_grad(set_to_none=True)
         engine.network.train()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
-        with _autocast(image.device, self.autocast_dtype):
+        with autocast(image.device, self.autocast_dtype):
             step_logits = engine.network(image, target, generator)
         loss = sum(engine.loss_function(logits.float(), target) for logits in step_logits)
         scaled = loss / self.accumulation_steps
@@ -156,7 +150,7 @@ class ClickValidationStep:
 
     def __init__(self, report_clicks: Sequence[int] = (1, 5), autocast_dtype: str | None = None, seed: int = 0):
         self.report_clicks = sorted(set(int(k) for k in report_clicks))
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self.seed = seed
 
     def __call__(self, engine: SupervisedEvaluator, batchdata: dict) -> dict:
@@ -166,7 +160,7 @@ class ClickValidationStep:
         generator = torch.Generator().manual_seed(self.seed + engine.state.iteration)
         truth = target[:, 0] > 0.5
         output = {Keys.IMAGE: image, Keys.LABEL: target}
-        with engine.mode(network), _autocast(image.device, self.autocast_dtype):
+        with engine.mode(network), autocast(image.device, self.autocast_dtype):
             embedding = network.encode(image)
             prediction = torch.zeros_like(truth)
             low_res = None
@@ -200,8 +194,10 @@ def freeze_untrained_heads(network: nn.Module) -> nn.Module:
         unused = (
             name.startswith("prompt_encoder.no_mask_embed.")
             or name.startswith("mask_decoder.iou_prediction_head.")
-            or (name.startswith("mask_decoder.output_hypernetworks_mlps.") and not name.startswith(
-                "mask_decoder.output_hypernetworks_mlps.0."))
+            or (
+                name.startswith("mask_decoder.output_hypernetworks_mlps.")
+                and not name.startswith("mask_decoder.output_hypernetworks_mlps.0.")
+            )
         )
         if unused:
             param.requires_grad_(False)
@@ -259,9 +255,12 @@ class SaveBestModel:
         if engine.state.best_metric_epoch != engine.state.epoch:
             return
         save_atomic({"model": self.network.state_dict()}, self.output_dir / "model.pt")
-        summary = {"epoch": engine.state.epoch, "key_metric": engine.state.key_metric_name,
-                   "best_metric": float(engine.state.best_metric),
-                   "metrics": {k: float(v) for k, v in engine.state.metrics.items()}}
+        summary = {
+            "epoch": engine.state.epoch,
+            "key_metric": engine.state.key_metric_name,
+            "best_metric": float(engine.state.best_metric),
+            "metrics": {k: float(v) for k, v in engine.state.metrics.items()},
+        }
         tmp = self.output_dir / ".model.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, self.output_dir / "model.json")

@@ -74,8 +74,9 @@ def dice_and_nsd(prediction: torch.Tensor, truth: torch.Tensor, spacing: Sequenc
     dice = float(compute_dice(y_pred, y, include_background=True, ignore_empty=False)[0, 0])
     if not prediction.any():
         return dice, 0.0
-    nsd = compute_surface_dice(y_pred, y, class_thresholds=[tolerance_mm], include_background=True,
-                               spacing=[float(s) for s in spacing])
+    nsd = compute_surface_dice(
+        y_pred, y, class_thresholds=[tolerance_mm], include_background=True, spacing=[float(s) for s in spacing]
+    )
     return dice, float(nsd[0, 0])
 
 
@@ -106,8 +107,13 @@ class ClickEvaluationStep:
     ) -> None:
         if num_clicks < 1:
             raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
-        simulated_click(protocol, torch.zeros(1, 1, 1, dtype=torch.bool), torch.ones(1, 1, 1, dtype=torch.bool), 1,
-                        torch.Generator())  # fails early on an unknown protocol name
+        simulated_click(
+            protocol,
+            torch.zeros(1, 1, 1, dtype=torch.bool),
+            torch.ones(1, 1, 1, dtype=torch.bool),
+            1,
+            torch.Generator(),
+        )  # fails early on an unknown protocol name
         self.inferer = inferer
         self.num_clicks = num_clicks
         self.protocol = protocol
@@ -155,8 +161,16 @@ class ClickEvaluationStep:
                     )
                     prediction = mapping.to_original(logits[0] > 0)
                     dice, nsd = dice_and_nsd(prediction, truth, spacing, self.nsd_tolerance_mm)
-                rows.append({"case": case, "class": target_class, "click": click_index, "dice": round(dice, 6),
-                             "nsd": round(nsd, 6), "seconds": round(time.perf_counter() - started, 4)})
+                rows.append(
+                    {
+                        "case": case,
+                        "class": target_class,
+                        "click": click_index,
+                        "dice": round(dice, 6),
+                        "nsd": round(nsd, 6),
+                        "seconds": round(time.perf_counter() - started, 4),
+                    }
+                )
         return rows
 
 
@@ -182,20 +196,25 @@ def summarize(
             result[f"dice@{k}"] = float(np.mean([curves[t][k]["dice"] for t in targets]))
             result[f"nsd@{k}"] = float(np.mean([curves[t][k]["nsd"] for t in targets]))
         for threshold in noc_thresholds:
-            needed = [next((k for k in range(1, num_clicks + 1) if curves[t][k]["dice"] >= threshold), num_clicks)
-                      for t in targets]
+            needed = [
+                next((k for k in range(1, num_clicks + 1) if curves[t][k]["dice"] >= threshold), num_clicks)
+                for t in targets
+            ]
             result[f"NoC@{round(threshold * 100)}"] = float(np.mean(needed))
         for k in [k for k in report_clicks if k <= num_clicks]:
             result[f"best_over_clicks_dice@{k}"] = float(
-                np.mean([max(curves[t][j]["dice"] for j in range(1, k + 1)) for t in targets]))
+                np.mean([max(curves[t][j]["dice"] for j in range(1, k + 1)) for t in targets])
+            )
         return result
 
     targets = sorted(curves)
     if not targets:
         return {"overall": {"targets": 0}, "per_class": {}}
     classes = sorted({c for _, c in targets})
-    return {"overall": scores(targets),
-            "per_class": {str(c): scores([t for t in targets if t[1] == c]) for c in classes}}
+    return {
+        "overall": scores(targets),
+        "per_class": {str(c): scores([t for t in targets if t[1] == c]) for c in classes},
+    }
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -220,8 +239,14 @@ class EvaluationReport:
         failures: the run's case list (its ``failures`` are recorded).
     """
 
-    def __init__(self, output_dir: str, num_clicks: int, class_names: Mapping[str, str] | None = None,
-                 settings: Mapping[str, Any] | None = None, failures: Any = None) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        num_clicks: int,
+        class_names: Mapping[str, str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        failures: Any = None,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.num_clicks = num_clicks
         self.class_names = {str(k): str(v) for k, v in (class_names or {}).items()}
@@ -255,11 +280,14 @@ class EvaluationReport:
         return self.class_names.get(label, f"class {label}")
 
     def table(self, summary: Mapping[str, Any]) -> str:
-        keys = [k for k in ("dice@1", "dice@3", "dice@5", "dice@10", "nsd@1", "nsd@5", "NoC@85")
-                if k in summary["overall"]]
+        keys = [
+            k for k in ("dice@1", "dice@3", "dice@5", "dice@10", "nsd@1", "nsd@5", "NoC@85") if k in summary["overall"]
+        ]
         lines = [f"{'target':<20}{'n':>5}" + "".join(f"{k:>10}" for k in keys)]
         for label, scores in summary["per_class"].items():
-            lines.append(f"{self._name(label):<20}{scores['targets']:>5}" + "".join(f"{scores[k]:>10.3f}" for k in keys))
+            lines.append(
+                f"{self._name(label):<20}{scores['targets']:>5}" + "".join(f"{scores[k]:>10.3f}" for k in keys)
+            )
         overall = summary["overall"]
         lines.append(f"{'overall':<20}{overall['targets']:>5}" + "".join(f"{overall[k]:>10.3f}" for k in keys))
         return "\n".join(lines)
@@ -278,10 +306,21 @@ class EvaluationReport:
         clicks = list(range(1, self.num_clicks + 1))
         for label, curve in sorted(by_class.items(), key=lambda kv: kv[0] == "overall"):
             name = "overall" if label == "overall" else self._name(label)
-            axes.plot(clicks, [np.mean(curve[k]) for k in clicks], marker="o", lw=3 if label == "overall" else 1,
-                      color="black" if label == "overall" else None, label=name)
-        axes.set(xlabel="clicks", ylabel="Dice (after the click)", ylim=(0, 1), xticks=clicks,
-                 title=f"Dice vs clicks ({self.settings.get('protocol', '')} protocol)")
+            axes.plot(
+                clicks,
+                [np.mean(curve[k]) for k in clicks],
+                marker="o",
+                lw=3 if label == "overall" else 1,
+                color="black" if label == "overall" else None,
+                label=name,
+            )
+        axes.set(
+            xlabel="clicks",
+            ylabel="Dice (after the click)",
+            ylim=(0, 1),
+            xticks=clicks,
+            title=f"Dice vs clicks ({self.settings.get('protocol', '')} protocol)",
+        )
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, loc="lower right")
         figure.tight_layout()

@@ -18,12 +18,12 @@ from monai.data.utils import compute_importance_map
 from monai.inferers import Inferer
 
 from .networks.sam_med3d import LOW_RES_UPSCALE, upsample_logits
+from .precision import autocast, check_autocast_dtype
 from .prompts import deepest_point
 from .transforms import PROMPT_REPORT, extract_window, normalize_crop
 
 #: logit written where no window reached (sigmoid of it is 0 in float32).
 BACKGROUND_LOGIT = -100.0
-_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _inside(point: torch.Tensor, start: Sequence[int], size: int, margin: int = 0) -> bool:
@@ -70,8 +70,6 @@ class PromptedWindowInferer(Inferer):
         super().__init__()
         if click_memory not in ("all", "newest"):
             raise ValueError(f"click_memory must be 'all' or 'newest', got {click_memory!r}")
-        if autocast_dtype is not None and autocast_dtype not in _AUTOCAST_DTYPES:
-            raise ValueError(f"autocast_dtype must be one of {sorted(_AUTOCAST_DTYPES)} or None, got {autocast_dtype!r}")
         if max_windows < 1:
             raise ValueError(f"max_windows must be >= 1, got {max_windows}")
         self.roi_size = roi_size
@@ -79,14 +77,10 @@ class PromptedWindowInferer(Inferer):
         self.max_windows = max_windows
         self.click_memory = click_memory
         self.reuse_margin = reuse_margin
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self.sigma_scale = sigma_scale
         self.intensity_normalization = intensity_normalization
         self.prev_mask_logit = prev_mask_logit
-
-    def _autocast(self, device: torch.device):
-        dtype = _AUTOCAST_DTYPES.get(self.autocast_dtype) if self.autocast_dtype else None
-        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
     def __call__(  # type: ignore[override]
         self,
@@ -151,8 +145,9 @@ class PromptedWindowInferer(Inferer):
         image = image.as_tensor() if isinstance(image, MetaTensor) else image
         size = int(self.roi_size or network.img_size)
         stride = int(self.stride or size // 2)
-        importance = compute_importance_map((size,) * 3, mode="gaussian", sigma_scale=self.sigma_scale,
-                                            device=image.device)
+        importance = compute_importance_map(
+            (size,) * 3, mode="gaussian", sigma_scale=self.sigma_scale, device=image.device
+        )
         embeddings = {} if embeddings is None else embeddings
         out = image.new_full((coords.shape[0], *image.shape[1:]), BACKGROUND_LOGIT, dtype=torch.float32)
         if previous is not None:
@@ -164,12 +159,23 @@ class PromptedWindowInferer(Inferer):
             object_coords = coords[index][valid].float().cpu()
             object_labels = labels[index][valid].long().cpu()
             windows, encoded = self._segment_object(
-                image, network, object_coords, object_labels, size, stride, importance, embeddings, out[index],
+                image,
+                network,
+                object_coords,
+                object_labels,
+                size,
+                stride,
+                importance,
+                embeddings,
+                out[index],
                 None if previous is None else previous[index].to(image.device),
             )
             report["objects"].append(
-                {"windows": [list(w) for w in windows], "windows_encoded": encoded,
-                 "seconds": round(time.perf_counter() - started, 3)}
+                {
+                    "windows": [list(w) for w in windows],
+                    "windows_encoded": encoded,
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
             )
         report["embeddings_computed"] = sum(o["windows_encoded"] for o in report["objects"])
         return out, report
@@ -210,7 +216,7 @@ class PromptedWindowInferer(Inferer):
                 crop = extract_window(image, start, size)
                 if self.intensity_normalization is not None:
                     crop = self.intensity_normalization(crop)
-                with torch.no_grad(), self._autocast(image.device):
+                with torch.no_grad(), autocast(image.device, self.autocast_dtype):
                     embeddings[start] = network.encode(crop[None])
                 encoded += 1
             window_logits = self._apply_clicks(network, embeddings[start], local_coords, local_labels, size, prior)
@@ -233,7 +239,7 @@ class PromptedWindowInferer(Inferer):
             low_res_size = [LOW_RES_UPSCALE * g for g in embedding.shape[2:]]
             fraction = torch.nn.functional.interpolate(prior[None, None].float(), size=low_res_size, mode="area")
             low_res = (2 * fraction - 1) * self.prev_mask_logit
-        with torch.no_grad(), self._autocast(device):
+        with torch.no_grad(), autocast(device, self.autocast_dtype):
             for step in range(len(coords)):
                 first = 0 if self.click_memory == "all" else step
                 low_res, _ = network.decode(

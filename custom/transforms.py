@@ -260,8 +260,9 @@ class SelectTargetd(MapTransform, Randomizable):
     Writes the float target (0/1) to the label key and the class to ``target_class_key``.
     """
 
-    def __init__(self, keys: KeysCollection = "label", classes_key: str = "classes",
-                 target_class_key: str = "target_class") -> None:
+    def __init__(
+        self, keys: KeysCollection = "label", classes_key: str = "classes", target_class_key: str = "target_class"
+    ) -> None:
         MapTransform.__init__(self, keys)
         self.classes_key = classes_key
         self.target_class_key = target_class_key
@@ -293,8 +294,14 @@ class CropAroundTargetd(MapTransform, Randomizable):
         jitter_mm: half-width of the uniform jitter of the centre (0 for validation).
     """
 
-    def __init__(self, keys: KeysCollection, label_key: str = "label", roi_size: int = 128,
-                 spacing_mm: float = 1.5, jitter_mm: float = 0.0) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str = "label",
+        roi_size: int = 128,
+        spacing_mm: float = 1.5,
+        jitter_mm: float = 0.0,
+    ) -> None:
         MapTransform.__init__(self, keys)
         self.label_key = label_key
         self.roi_size = roi_size
@@ -325,11 +332,17 @@ class ClampByModalityd(MapTransform):
     """Clamp intensities to the range given for the item's modality (``ranges["CT"] = (-1000, 1000)`` as in
     upstream training); other modalities pass unchanged. The modality comes from the dataset, not the path."""
 
-    def __init__(self, keys: KeysCollection = "image", modality_key: str = "modality",
-                 ranges: Mapping[str, Sequence[float]] | None = None) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        modality_key: str = "modality",
+        ranges: Mapping[str, Sequence[float]] | None = None,
+    ) -> None:
         super().__init__(keys)
         self.modality_key = modality_key
-        self.ranges = {k.upper(): tuple(v) for k, v in (ranges if ranges is not None else {"CT": (-1000, 1000)}).items()}
+        self.ranges = {
+            k.upper(): tuple(v) for k, v in (ranges if ranges is not None else {"CT": (-1000, 1000)}).items()
+        }
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -53,9 +53,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     from custom.networks.common import LayerNorm3d
 
     gen = torch.Generator().manual_seed(seed)
-    norm_weights = {
-        id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, LayerNorm3d))
-    }
+    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, LayerNorm3d))}
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=gen)

@@ -26,6 +26,8 @@ trainer = workflow.parser.get_parsed_content("train#trainer")
 initial = {k: v.detach().clone() for k, v in network.state_dict().items()}
 workflow.run()
 rank = torch.distributed.get_rank()
-torch.save({"initial": initial, "final": network.state_dict(), "iterations": trainer.state.iteration},
-           Path(output_dir) / f"rank{rank}.pt")
+torch.save(
+    {"initial": initial, "final": network.state_dict(), "iterations": trainer.state.iteration},
+    Path(output_dir) / f"rank{rank}.pt",
+)
 workflow.finalize()

@@ -293,31 +293,31 @@ def _encoder_attention(sd, prefix, x, num_heads):
     assert K == K1 == K2, "attention grid must be cubic"
     N = K * K * K
     hd = C // num_heads
-    scale = hd ** -0.5
+    scale = hd**-0.5
 
     tokens = x.reshape(B, N, C)
-    qkv = _linear(sd, prefix + "qkv.", tokens)                # (B, N, 3C)
+    qkv = _linear(sd, prefix + "qkv.", tokens)  # (B, N, 3C)
     qkv = qkv.reshape(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
-    q, k, v = qkv[0], qkv[1], qkv[2]                           # each (B, heads, N, hd)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, heads, N, hd)
 
     tables = [sd[prefix + "rel_pos_d"], sd[prefix + "rel_pos_h"], sd[prefix + "rel_pos_w"]]
     for t in tables:
         assert t.shape[0] == 2 * K - 1, (t.shape, K)
-    index = _relative_index_matrices(K, x.device)              # 3 x (N, N)
+    index = _relative_index_matrices(K, x.device)  # 3 x (N, N)
 
     head_outputs = []
-    for h in range(num_heads):                                 # one head at a time (memory)
-        qh, kh, vh = q[:, h], k[:, h], v[:, h]                 # (B, N, hd)
-        logits = (qh * scale) @ kh.transpose(-1, -2)           # (B, N, N)
+    for h in range(num_heads):  # one head at a time (memory)
+        qh, kh, vh = q[:, h], k[:, h], v[:, h]  # (B, N, hd)
+        logits = (qh * scale) @ kh.transpose(-1, -2)  # (B, N, N)
         for table, idx in zip(tables, index):
             # (q_i . R[r]) for every row r of the table, then pick r = a_i - a_j + K - 1.
-            q_dot_table = qh @ table.t()                       # (B, N, 2K-1), unscaled q
+            q_dot_table = qh @ table.t()  # (B, N, 2K-1), unscaled q
             bias = torch.gather(q_dot_table, 2, idx.unsqueeze(0).expand(B, N, N))
             logits = logits + bias
         attn = _softmax_last(logits)
-        head_outputs.append(attn @ vh)                         # (B, N, hd)
-    out = torch.stack(head_outputs, dim=2)                     # (B, N, heads, hd)
-    out = out.reshape(B, N, C)                                 # heads concatenated
+        head_outputs.append(attn @ vh)  # (B, N, hd)
+    out = torch.stack(head_outputs, dim=2)  # (B, N, heads, hd)
+    out = out.reshape(B, N, C)  # heads concatenated
     out = _linear(sd, prefix + "proj.", out)
     return out.reshape(B, K, K, K, C)
 
@@ -356,9 +356,8 @@ def reference_encode(sd, image, config):
     heads = c["num_heads"]
     glob = tuple(c["global_attn_indexes"])
 
-    x = F.conv3d(image, sd[e + "patch_embed.proj.weight"], sd[e + "patch_embed.proj.bias"],
-                 stride=p)                                     # (B, C, g, g, g)
-    x = x.permute(0, 2, 3, 4, 1)                               # (B, g, g, g, C)
+    x = F.conv3d(image, sd[e + "patch_embed.proj.weight"], sd[e + "patch_embed.proj.bias"], stride=p)  # (B, C, g, g, g)
+    x = x.permute(0, 2, 3, 4, 1)  # (B, g, g, g, C)
     x = x + sd[e + "pos_embed"]
 
     for i in range(c["depth"]):
@@ -372,11 +371,11 @@ def reference_encode(sd, image, config):
         x = shortcut + y
         y = _layer_norm(sd, b + "norm2.", x, 1e-6)
         y = _linear(sd, b + "mlp.lin1.", y)
-        y = F.gelu(y)                                          # exact (erf) GELU
+        y = F.gelu(y)  # exact (erf) GELU
         y = _linear(sd, b + "mlp.lin2.", y)
         x = x + y
 
-    x = x.permute(0, 4, 1, 2, 3)                               # (B, C, g, g, g)
+    x = x.permute(0, 4, 1, 2, 3)  # (B, C, g, g, g)
     x = F.conv3d(x, sd[e + "neck.0.weight"])
     x = _layer_norm_3d(sd, e + "neck.1.", x)
     x = F.conv3d(x, sd[e + "neck.2.weight"], padding=1)
@@ -394,7 +393,7 @@ def _fourier_encode(sd, coords01):
 
     c' = 2c - 1; p = 2*pi * c' @ G; out = cat([sin p, cos p, sin p]).
     """
-    G = sd[GAUSSIAN_KEY]                                       # (3, out_chans // 3)
+    G = sd[GAUSSIAN_KEY]  # (3, out_chans // 3)
     cc = 2.0 * coords01 - 1.0
     proj = 2.0 * math.pi * (cc @ G.to(cc.dtype))
     return torch.cat([torch.sin(proj), torch.cos(proj), torch.sin(proj)], dim=-1)
@@ -414,9 +413,9 @@ def reference_dense_pe(sd, grid):
     i0 = (torch.arange(g0, dtype=dtype) + 0.5) / g0
     i1 = (torch.arange(g1, dtype=dtype) + 0.5) / g1
     i2 = (torch.arange(g2, dtype=dtype) + 0.5) / g2
-    a0, a1, a2 = torch.meshgrid(i0, i1, i2, indexing="ij")     # each (g0, g1, g2)
-    coords = torch.stack([a1, a0, a2], dim=-1)                 # swap of axes 0 and 1
-    pe = _fourier_encode(sd, coords)                           # (g0, g1, g2, out)
+    a0, a1, a2 = torch.meshgrid(i0, i1, i2, indexing="ij")  # each (g0, g1, g2)
+    coords = torch.stack([a1, a0, a2], dim=-1)  # swap of axes 0 and 1
+    pe = _fourier_encode(sd, coords)  # (g0, g1, g2, out)
     return pe.permute(3, 0, 1, 2).unsqueeze(0)
 
 
@@ -438,7 +437,7 @@ def reference_point_embedding(sd, coords, labels, image_size):
     coords = torch.cat([coords, torch.zeros(B, 1, 3, dtype=coords.dtype)], dim=1)
     labels = torch.cat([labels, -torch.ones(B, 1, dtype=labels.dtype)], dim=1)
 
-    emb = _fourier_encode(sd, (coords + 0.5) / size)           # (B, N+1, out)
+    emb = _fourier_encode(sd, (coords + 0.5) / size)  # (B, N+1, out)
     not_point = (labels == -1).unsqueeze(-1).to(emb.dtype)
     neg = (labels == 0).unsqueeze(-1).to(emb.dtype)
     pos = (labels == 1).unsqueeze(-1).to(emb.dtype)
@@ -479,7 +478,7 @@ def _decoder_attention(sd, prefix, q, k, v, num_heads):
     B, Nq, Ci = q.shape
     Nk = k.shape[1]
     ch = Ci // num_heads
-    q = q.reshape(B, Nq, num_heads, ch).transpose(1, 2)        # (B, heads, Nq, ch)
+    q = q.reshape(B, Nq, num_heads, ch).transpose(1, 2)  # (B, heads, Nq, ch)
     k = k.reshape(B, Nk, num_heads, ch).transpose(1, 2)
     v = v.reshape(B, Nk, num_heads, ch).transpose(1, 2)
     attn = _softmax_last((q @ k.transpose(-1, -2)) / math.sqrt(ch))
@@ -509,8 +508,7 @@ def _two_way_transformer(sd, image_tokens, image_pe, point_tokens, c):
 
         qq = queries + query_pe
         kk = keys + key_pe
-        queries = queries + _decoder_attention(
-            sd, lp + "cross_attn_token_to_image.", qq, kk, keys, heads)
+        queries = queries + _decoder_attention(sd, lp + "cross_attn_token_to_image.", qq, kk, keys, heads)
         queries = _layer_norm(sd, lp + "norm2.", queries, eps)
 
         h = torch.relu(_linear(sd, lp + "mlp.lin1.", queries))
@@ -519,8 +517,7 @@ def _two_way_transformer(sd, image_tokens, image_pe, point_tokens, c):
 
         qq = queries + query_pe
         kk = keys + key_pe
-        keys = keys + _decoder_attention(
-            sd, lp + "cross_attn_image_to_token.", kk, qq, queries, heads)
+        keys = keys + _decoder_attention(sd, lp + "cross_attn_image_to_token.", kk, qq, queries, heads)
         keys = _layer_norm(sd, lp + "norm4.", keys, eps)
 
     qq = queries + query_pe
@@ -559,7 +556,7 @@ def reference_decode(sd, embedding, coords, labels, mask_input, config):
     if mask_input is None:
         mask_input = torch.zeros(B, 1, 4 * g0, 4 * g1, 4 * g2, dtype=embedding.dtype)
     dense = reference_mask_embedding(sd, mask_input.to(embedding.dtype))  # (B, C, g, g, g)
-    dense_pe = reference_dense_pe(sd, (g0, g1, g2)).to(embedding.dtype)   # (1, C, g, g, g)
+    dense_pe = reference_dense_pe(sd, (g0, g1, g2)).to(embedding.dtype)  # (1, C, g, g, g)
 
     nmt = c["num_mask_tokens"]
     out_tokens = torch.cat([sd[md + "iou_token.weight"], sd[md + "mask_tokens.weight"]], dim=0)
@@ -567,26 +564,24 @@ def reference_decode(sd, embedding, coords, labels, mask_input, config):
 
     src = embedding + dense
     M = g0 * g1 * g2
-    image_tokens = src.reshape(B, C, M).transpose(1, 2)        # (B, M, C), (d, h, w) order
+    image_tokens = src.reshape(B, C, M).transpose(1, 2)  # (B, M, C), (d, h, w) order
     image_pe = dense_pe.reshape(1, C, M).transpose(1, 2).expand(B, M, C)
 
     hs, keys = _two_way_transformer(sd, image_tokens, image_pe, tokens, c)
-    iou_token_out = hs[:, 0, :]                                # (B, C)
-    mask_tokens_out = hs[:, 1:1 + nmt, :]                      # (B, nmt, C)
+    iou_token_out = hs[:, 0, :]  # (B, C)
+    mask_tokens_out = hs[:, 1 : 1 + nmt, :]  # (B, nmt, C)
 
     x = keys.transpose(1, 2).reshape(B, C, g0, g1, g2)
-    x = F.conv_transpose3d(x, sd[md + "output_upscaling.0.weight"],
-                           sd[md + "output_upscaling.0.bias"], stride=2)
+    x = F.conv_transpose3d(x, sd[md + "output_upscaling.0.weight"], sd[md + "output_upscaling.0.bias"], stride=2)
     x = _layer_norm_3d(sd, md + "output_upscaling.1.", x)
     x = F.gelu(x)
-    x = F.conv_transpose3d(x, sd[md + "output_upscaling.3.weight"],
-                           sd[md + "output_upscaling.3.bias"], stride=2)
-    x = F.gelu(x)                                              # (B, C/8, 4g0, 4g1, 4g2)
+    x = F.conv_transpose3d(x, sd[md + "output_upscaling.3.weight"], sd[md + "output_upscaling.3.bias"], stride=2)
+    x = F.gelu(x)  # (B, C/8, 4g0, 4g1, 4g2)
     Cu = x.shape[1]
 
     hyper = torch.stack(
-        [_mlp_relu(sd, f"{md}output_hypernetworks_mlps.{m}.", mask_tokens_out[:, m, :], 3)
-         for m in range(nmt)], dim=1)                          # (B, nmt, C/8)
+        [_mlp_relu(sd, f"{md}output_hypernetworks_mlps.{m}.", mask_tokens_out[:, m, :], 3) for m in range(nmt)], dim=1
+    )  # (B, nmt, C/8)
     masks = (hyper @ x.reshape(B, Cu, -1)).reshape(B, nmt, 4 * g0, 4 * g1, 4 * g2)
     iou = _mlp_relu(sd, md + "iou_prediction_head.", iou_token_out, c["iou_head_depth"])
     return masks[:, :1], iou[:, :1]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from conftest import REPO_ROOT
 from monai.bundle import ConfigParser, verify_net_in_out
 
-from conftest import REPO_ROOT
 from custom.networks import SamMed3D
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"

@@ -23,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 META = ROOT / "bundle" / "configs" / "metadata.json"
 LOGGING_CONF = ROOT / "bundle" / "configs" / "logging.conf"
 SCHEMA = ROOT / "tests" / "data" / "meta_schema_20240725.json"
-SCHEMA_URL = (
-    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
-)
+SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 # md5 of tests/data/meta_schema_20240725.json, a byte-identical copy of the schema file at SCHEMA_URL;
 # pinned so that an edited copy fails here (and verify_metadata raises instead of re-downloading).
 SCHEMA_MD5 = "96a120e35492d4ccc5894257175e7359"

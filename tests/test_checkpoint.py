@@ -9,8 +9,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, randomize_
+
 from custom.networks import build_sam_med3d, load_checkpoint, read_checkpoint
 
 
@@ -129,7 +129,14 @@ def test_convert_script_writes_weights_only_file(tiny, tmp_path):
     src = tmp_path / "legacy.pth"
     torch.save({"model_state_dict": tiny.state_dict(), "args": argparse.Namespace(lr=1.0)}, src)
     dst = tmp_path / "out" / "model.pt"
-    cmd = [sys.executable, str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"), "--src", str(src), "--dst", str(dst)]
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"),
+        "--src",
+        str(src),
+        "--dst",
+        str(dst),
+    ]
     result = subprocess.run(cmd + ["--network_name", "sam_med3d_tiny"], capture_output=True, text=True)
     assert result.returncode != 0 and "allow_pickle" in result.stderr
     assert not dst.exists()
@@ -149,8 +156,16 @@ def test_convert_to_half_precision_loads_into_float32(tiny, tmp_path):
     src = tmp_path / "full.pt"
     torch.save({"model": tiny.state_dict()}, src)
     dst = tmp_path / "half.pt"
-    cmd = [sys.executable, str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"), "--src", str(src), "--dst",
-           str(dst), "--dtype", "float16"]
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"),
+        "--src",
+        str(src),
+        "--dst",
+        str(dst),
+        "--dtype",
+        "float16",
+    ]
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     assert dst.stat().st_size < 0.6 * src.stat().st_size
     half = torch.load(dst, weights_only=True)["model"]
@@ -159,4 +174,6 @@ def test_convert_to_half_precision_loads_into_float32(tiny, tmp_path):
     load_checkpoint(fresh, dst)
     weight = fresh.state_dict()["image_encoder.blocks.0.attn.qkv.weight"]
     assert weight.dtype == torch.float32
-    torch.testing.assert_close(weight, tiny.state_dict()["image_encoder.blocks.0.attn.qkv.weight"], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(
+        weight, tiny.state_dict()["image_encoder.blocks.0.attn.qkv.weight"], rtol=1e-3, atol=1e-4
+    )

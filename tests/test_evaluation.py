@@ -9,14 +9,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 from monai.bundle import ConfigWorkflow
 from monai.transforms import Compose, EnsureChannelFirst, Invert, LoadImage, Orientation, Spacing
 from scipy import ndimage
+from test_inference import ThresholdNetwork, write_nifti
 
-from conftest import REPO_ROOT
 from custom.evaluation import GridMapping, dice_and_nsd, summarize
 from custom.prompts import inner_core_click, simulated_click
-from test_inference import ThresholdNetwork, write_nifti
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 
@@ -36,16 +36,23 @@ def _dataset(tmp_path, volumes, spacing=(1.5, 1.5, 1.5)):
         write_nifti(tmp_path / "imagesTr" / f"case{i}.nii.gz", np.where(label > 0, 100.0, 10.0), affine)
         nib.Nifti1Image(label.astype(np.uint8), affine).to_filename(tmp_path / "labelsTr" / f"case{i}.nii.gz")
         entries.append({"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"})
-    (tmp_path / "dataset.json").write_text(json.dumps(
-        {"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "blob"}, "validation": entries}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "blob"}, "validation": entries})
+    )
     return tmp_path
 
 
 def evaluate(tmp_path, dataset, network, num_clicks=3, **overrides):
     workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "evaluate.json"), workflow_type="infer", dataset_dir=str(dataset),
-        datalist=str(dataset / "dataset.json"), output_dir=str(tmp_path / "eval"), network=network,
-        num_clicks=num_clicks, **{"inferer#roi_size": 32, "inferer#intensity_normalization": None}, **overrides,
+        config_file=str(CONFIGS / "evaluate.json"),
+        workflow_type="infer",
+        dataset_dir=str(dataset),
+        datalist=str(dataset / "dataset.json"),
+        output_dir=str(tmp_path / "eval"),
+        network=network,
+        num_clicks=num_clicks,
+        **{"inferer#roi_size": 32, "inferer#intensity_normalization": None},
+        **overrides,
     )
     workflow.initialize()
     try:
@@ -111,7 +118,9 @@ def test_dice_and_nsd_against_an_independent_computation():
         assert dice == pytest.approx(2 * (pred & truth).sum() / (pred.sum() + truth.sum()), abs=1e-6)
         assert nsd == pytest.approx(_independent_nsd(pred, truth, spacing, tolerance), abs=1e-6)
         assert 0.05 < nsd < 0.95  # the tolerance matters here: a real check
-    assert dice_and_nsd(torch.zeros(5, 5, 5, dtype=torch.bool), torch.ones(5, 5, 5, dtype=torch.bool), spacing, 1.0) == (0.0, 0.0)
+    assert dice_and_nsd(
+        torch.zeros(5, 5, 5, dtype=torch.bool), torch.ones(5, 5, 5, dtype=torch.bool), spacing, 1.0
+    ) == (0.0, 0.0)
 
 
 def test_protocols_are_seeded_and_differ_where_they_should():
@@ -147,8 +156,7 @@ def test_inner_core_picks_the_larger_error_region():
 
 
 def test_summary_numbers():
-    rows = [{"case": "a", "class": 1, "click": k, "dice": d, "nsd": d / 2}
-            for k, d in zip((1, 2, 3), (0.5, 0.86, 0.7))]
+    rows = [{"case": "a", "class": 1, "click": k, "dice": d, "nsd": d / 2} for k, d in zip((1, 2, 3), (0.5, 0.86, 0.7))]
     rows += [{"case": "b", "class": 1, "click": k, "dice": d, "nsd": 0.0} for k, d in zip((1, 2, 3), (0.9, 0.95, 0.96))]
     summary = summarize(rows, num_clicks=3, report_clicks=(1, 3))
     overall = summary["overall"]
@@ -173,5 +181,6 @@ def test_grid_mapping_agrees_with_monai_inversion(tmp_path):
     assert (ours == inverted).mean() > 0.995
     np.testing.assert_allclose(
         mapping.points_to_resampled(torch.tensor([[10.0, 5.0, 3.0]]))[0].numpy(),
-        (np.linalg.inv(np.asarray(resampled.affine)) @ affine @ [10.0, 5.0, 3.0, 1.0])[:3], atol=1e-4,
+        (np.linalg.inv(np.asarray(resampled.affine)) @ affine @ [10.0, 5.0, 3.0, 1.0])[:3],
+        atol=1e-4,
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from conftest import randomize_
+
 from custom.networks import build_sam_med3d, upsample_logits
 
 
@@ -28,13 +28,15 @@ def test_gradients_reach_every_used_parameter():
         loss = loss + F.binary_cross_entropy_with_logits(upsample_logits(low_res, image.shape[2:]), target)
     loss.backward()
 
-    without_grad = {
-        name for name, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)
-    }
+    without_grad = {name for name, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)}
     never_trained = {
         "prompt_encoder.no_mask_embed.weight",
-        *{f"mask_decoder.output_hypernetworks_mlps.{i}.layers.{j}.{kind}" for i in (1, 2, 3) for j in range(3)
-          for kind in ("weight", "bias")},
+        *{
+            f"mask_decoder.output_hypernetworks_mlps.{i}.layers.{j}.{kind}"
+            for i in (1, 2, 3)
+            for j in range(3)
+            for kind in ("weight", "bias")
+        },
         *{f"mask_decoder.iou_prediction_head.layers.{j}.{kind}" for j in range(3) for kind in ("weight", "bias")},
     }
     assert without_grad == never_trained

@@ -14,14 +14,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, randomize_
 from monai.bundle import ConfigWorkflow
 from scipy import ndimage
 
-from conftest import REPO_ROOT, randomize_
-from custom.data import CaseError, CaseList
+from custom.data import CaseList
 from custom.inferer import PromptedWindowInferer
-from custom.transforms import extract_window, normalize_crop
 from custom.networks import build_sam_med3d
+from custom.transforms import extract_window, normalize_crop
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 
@@ -102,7 +102,9 @@ def test_identity_geometry_is_exact(tmp_path):
     image = np.where(blob, 100.0, 10.0) + rng.uniform(0, 5, blob.shape)
     path = write_nifti(tmp_path / "ras.nii.gz", image, np.diag([1.5, 1.5, 1.5, 1.0]))
     click = np.argwhere(blob)[0].tolist()
-    out = run_inference(tmp_path, ThresholdNetwork(), input_dict={"image": path, "points": [click], "point_labels": [1]})
+    out = run_inference(
+        tmp_path, ThresholdNetwork(), input_dict={"image": path, "points": [click], "point_labels": [1]}
+    )
     mask, affine, report = read_output(out, "ras")
     assert mask.shape == blob.shape
     np.testing.assert_array_equal(mask, blob.astype(mask.dtype))
@@ -126,7 +128,9 @@ def _lps_anisotropic_case(tmp_path, name="lps"):
 def test_lps_anisotropic_paste_back(tmp_path):
     path, box, affine = _lps_anisotropic_case(tmp_path)
     click = np.argwhere(box).mean(0).round().astype(int).tolist()
-    out = run_inference(tmp_path, ThresholdNetwork(), input_dict={"image": path, "points": [click], "point_labels": [1]})
+    out = run_inference(
+        tmp_path, ThresholdNetwork(), input_dict={"image": path, "points": [click], "point_labels": [1]}
+    )
     mask, out_affine, _ = read_output(out, "lps")
     assert mask.shape == box.shape
     np.testing.assert_allclose(out_affine, affine, atol=1e-5)
@@ -209,8 +213,14 @@ def test_click_memory_and_mask_prompt_order():
     coords = torch.tensor([[[[10.0, 10, 10], [12.0, 10, 10], [5.0, 5, 5]]]])
     labels = torch.tensor([[[1, 0, 1]]])
     for memory, expected in (
-        ("all", [([[16.0, 16, 16]], [1], True), ([[16.0, 16, 16], [18.0, 16, 16]], [1, 0], False),
-                 ([[16.0, 16, 16], [18.0, 16, 16], [11.0, 11, 11]], [1, 0, 1], False)]),
+        (
+            "all",
+            [
+                ([[16.0, 16, 16]], [1], True),
+                ([[16.0, 16, 16], [18.0, 16, 16]], [1, 0], False),
+                ([[16.0, 16, 16], [18.0, 16, 16], [11.0, 11, 11]], [1, 0, 1], False),
+            ],
+        ),
         ("newest", [([[16.0, 16, 16]], [1], True), ([[18.0, 16, 16]], [0], False), ([[11.0, 11, 11]], [1], False)]),
     ):
         calls.clear()
@@ -228,8 +238,15 @@ def test_click_memory_and_mask_prompt_order():
         ({"points": [[1, 2, 3]], "point_labels": [2]}, "must be 0 or 1"),
         ({"points": [[1, 2, 3]], "point_labels": [0]}, "no positive click"),
         ({"points": [[1, 2, 3]], "points_world": [[1, 2, 3]], "point_labels": [1]}, "exactly one of"),
-        ({"objects": [{"label": 1, "points": [[1, 2, 3]], "point_labels": [1]},
-                      {"label": 1, "points": [[1, 2, 3]], "point_labels": [1]}]}, "distinct"),
+        (
+            {
+                "objects": [
+                    {"label": 1, "points": [[1, 2, 3]], "point_labels": [1]},
+                    {"label": 1, "points": [[1, 2, 3]], "point_labels": [1]},
+                ]
+            },
+            "distinct",
+        ),
     ],
 )
 def test_bad_prompts_are_named(tmp_path, entry, message):
@@ -305,9 +322,22 @@ def test_bundle_run_on_the_shipped_sample(tmp_path):
     """End to end through ``python -m monai.bundle run`` on the shipped case, with a checkpoint written here."""
     ckpt = _tiny_checkpoint(tmp_path)
     out = tmp_path / "bundle_out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
-           "--bundle_root", str(REPO_ROOT / "bundle"), "--network_name", "sam_med3d_tiny",
-           "--ckpt_path", str(ckpt), "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--bundle_root",
+        str(REPO_ROOT / "bundle"),
+        "--network_name",
+        "sam_med3d_tiny",
+        "--ckpt_path",
+        str(ckpt),
+        "--output_dir",
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     source = nib.load(REPO_ROOT / "bundle/sample/images/openkbp_pt_243.nii.gz")
@@ -335,8 +365,11 @@ def test_prev_mask_continues_an_earlier_result(tmp_path):
     earlier[4:12, 8:20, 5:15] = 2
     earlier[15:20, 2:6, 2:6] = 5  # another object of the earlier result: not asked for, not returned
     nib.Nifti1Image(earlier, affine).to_filename(tmp_path / "earlier.nii.gz")
-    entry = {"image": path, "prev_mask": str(tmp_path / "earlier.nii.gz"),
-             "objects": [{"label": 2, "points": [[8, 2, 10]], "point_labels": [0]}]}  # a negative click only
+    entry = {
+        "image": path,
+        "prev_mask": str(tmp_path / "earlier.nii.gz"),
+        "objects": [{"label": 2, "points": [[8, 2, 10]], "point_labels": [0]}],
+    }  # a negative click only
     out = run_inference(tmp_path, MaskEchoNetwork(), input_dict=entry)
     mask, _, _ = read_output(out, "cont")
     np.testing.assert_array_equal(mask == 2, earlier == 2)
@@ -367,8 +400,12 @@ def test_itk_formats_land_on_the_same_grid_as_nifti(tmp_path, suffix):
     ras[:3, 3] = [-10.0, 20.0, 5.0]
     write_nifti(tmp_path / "vol.nii.gz", volume.transpose(2, 1, 0), ras)
     click = {"points": [[3, 4, 5]], "point_labels": [1]}
-    out_itk = run_inference(tmp_path / "a", ThresholdNetwork(), input_dict=dict(click, image=str(tmp_path / f"vol{suffix}")))
-    out_nii = run_inference(tmp_path / "b", ThresholdNetwork(), input_dict=dict(click, image=str(tmp_path / "vol.nii.gz")))
+    out_itk = run_inference(
+        tmp_path / "a", ThresholdNetwork(), input_dict=dict(click, image=str(tmp_path / f"vol{suffix}"))
+    )
+    out_nii = run_inference(
+        tmp_path / "b", ThresholdNetwork(), input_dict=dict(click, image=str(tmp_path / "vol.nii.gz"))
+    )
     mask_itk, affine_itk, _ = read_output(out_itk, "vol")
     mask_nii, affine_nii, _ = read_output(out_nii, "vol")
     np.testing.assert_allclose(affine_itk, affine_nii, atol=1e-5)
@@ -389,8 +426,9 @@ def test_dicom_series_folder(tmp_path):
         Input=image, ImageIO=itk.GDCMImageIO.New(), FileNames=names
     )
     writer.Update()
-    out = run_inference(tmp_path, ThresholdNetwork(), input_dict={"image": str(folder), "points": [[8, 8, 5]],
-                                                                  "point_labels": [1]})
+    out = run_inference(
+        tmp_path, ThresholdNetwork(), input_dict={"image": str(folder), "points": [[8, 8, 5]], "point_labels": [1]}
+    )
     mask, affine, _ = read_output(out, "series")
     assert mask.shape == (18, 16, 12)  # x, y, z: the stored array order
     assert boundary_tolerant_equal(mask > 0, volume.transpose(2, 1, 0) > 50)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import SMALL_SETTINGS, randomize_, reference_config
-from custom.networks import build_sam_med3d
 from plain_reference import REFERENCE_CONFIG, reference_decode, reference_encode, reference_forward
+
+from custom.networks import build_sam_med3d
 
 TOLERANCE = 1e-4
 

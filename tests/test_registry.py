@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from plain_reference import REFERENCE_CONFIG, expected_parameter_count, expected_state_dict_shapes
 
 from custom.networks import SAM_MED3D_VARIANTS, available_networks, build_sam_med3d
-from plain_reference import REFERENCE_CONFIG, expected_parameter_count, expected_state_dict_shapes
 
 
 def _parameter_count(model: torch.nn.Module) -> int:

@@ -10,11 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.losses import DiceCELoss
 
-from conftest import REPO_ROOT
 from custom.data import load_training_datalist
 from custom.engines import InteractiveSegmentation, parameter_groups
 from custom.networks import build_sam_med3d, load_checkpoint
@@ -53,7 +53,9 @@ def test_one_epoch_through_the_bundle_writes_checkpoints(tmp_path):
     assert {"network", "optimizer", "lr_scheduler", "trainer", "scaler"} <= set(state)
     summary = json.loads((tmp_path / "model.json").read_text())
     assert summary["key_metric"] == "val_dice_5clicks" and set(summary["metrics"]) == {
-        "val_dice_1click", "val_dice_5clicks"}
+        "val_dice_1click",
+        "val_dice_5clicks",
+    }
     assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
 
 
@@ -86,7 +88,10 @@ def test_resume_continues_exactly(tmp_path):
     resumed, resumed_optimizer = train(tmp_path / "split", epochs=2, val_interval=5, resume=True)
     assert resumed.state.iteration == straight.state.iteration == 4
     assert resumed.state.epoch == straight.state.epoch == 2
-    steps = [[float(s["step"]) for s in opt.state_dict()["state"].values()] for opt in (straight_optimizer, resumed_optimizer)]
+    steps = [
+        [float(s["step"]) for s in opt.state_dict()["state"].values()]
+        for opt in (straight_optimizer, resumed_optimizer)
+    ]
     assert steps[0] == steps[1] and steps[0] and all(s == 4 for s in steps[0])
     lrs = [[g["lr"] for g in opt.param_groups] for opt in (straight_optimizer, resumed_optimizer)]
     assert lrs[0] == pytest.approx(lrs[1])
@@ -103,8 +108,12 @@ def test_datalist_faults_are_all_reported(tmp_path):
     datalist = json.loads((root / "dataset.json").read_text())
     (root / "imagesTr" / "hippocampus_001.nii.gz").unlink()
     label = nib.load(root / "labelsTr" / "hippocampus_003.nii.gz")
-    nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine).to_filename(root / "labelsTr" / "hippocampus_003.nii.gz")
-    nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), label.affine).to_filename(root / "labelsTr" / "hippocampus_004.nii.gz")
+    nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine).to_filename(
+        root / "labelsTr" / "hippocampus_003.nii.gz"
+    )
+    nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), label.affine).to_filename(
+        root / "labelsTr" / "hippocampus_004.nii.gz"
+    )
     with pytest.raises(ValueError) as err:
         load_training_datalist(root / "dataset.json", "training")
     message = str(err.value)
@@ -131,8 +140,17 @@ def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(REPO_ROOT / "tests" / "ddp_worker.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(REPO_ROOT / "tests" / "ddp_worker.py"),
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -164,16 +182,24 @@ def test_training_window_is_centred_on_the_target(jitter_mm):
     label[0, 50:60, 10:20, 5:9] = 2
     label[0, 5:9, 40:50, 20:25] = 1
     image = torch.randn(1, 80, 60, 30)
-    pipeline = Compose([
-        SelectTargetd(keys="label"),
-        CropAroundTargetd(keys=["image", "label"], roi_size=32, spacing_mm=1.5, jitter_mm=jitter_mm),
-        Spacingd(keys=["image", "label"], pixdim=(1.5, 1.5, 1.5), mode=["bilinear", "nearest"]),
-        ResizeWithPadOrCropd(keys=["image", "label"], spatial_size=(32, 32, 32)),
-    ])
+    pipeline = Compose(
+        [
+            SelectTargetd(keys="label"),
+            CropAroundTargetd(keys=["image", "label"], roi_size=32, spacing_mm=1.5, jitter_mm=jitter_mm),
+            Spacingd(keys=["image", "label"], pixdim=(1.5, 1.5, 1.5), mode=["bilinear", "nearest"]),
+            ResizeWithPadOrCropd(keys=["image", "label"], spatial_size=(32, 32, 32)),
+        ]
+    )
     pipeline.set_random_state(seed=0)
     for _ in range(4):
-        out = pipeline({"image": MetaTensor(image, affine=affine), "label": MetaTensor(label, affine=affine),
-                        "target_class": 2, "classes": [1, 2]})
+        out = pipeline(
+            {
+                "image": MetaTensor(image, affine=affine),
+                "label": MetaTensor(label, affine=affine),
+                "target_class": 2,
+                "classes": [1, 2],
+            }
+        )
         assert out["image"].shape == out["label"].shape == (1, 32, 32, 32)
         target = torch.nonzero(out["label"][0] > 0.5).float()
         assert len(target) > 0 and set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}

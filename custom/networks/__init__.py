@@ -1,6 +1,14 @@
 """Networks: the SAM-Med3D encoder, prompt encoder, decoder, model, registry and checkpoint loading."""
 
-from .checkpoint import LoadReport, compare_state_dicts, extract_state_dict, load_checkpoint, read_checkpoint, save_atomic, with_checkpoint
+from .checkpoint import (
+    LoadReport,
+    compare_state_dicts,
+    extract_state_dict,
+    load_checkpoint,
+    read_checkpoint,
+    save_atomic,
+    with_checkpoint,
+)
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D

@@ -100,18 +100,14 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
-def compare_state_dicts(
-    model_state: Mapping[str, torch.Tensor], file_state: Mapping[str, torch.Tensor]
-) -> LoadReport:
+def compare_state_dicts(model_state: Mapping[str, torch.Tensor], file_state: Mapping[str, torch.Tensor]) -> LoadReport:
     """Which file entries fit the model (same name and shape), and which do not."""
     report = LoadReport()
     for key, value in file_state.items():
         if key not in model_state:
             report.unexpected.append(key)
         elif tuple(value.shape) != tuple(model_state[key].shape):
-            report.shape_mismatches.append(
-                f"{key} (file {tuple(value.shape)}, model {tuple(model_state[key].shape)})"
-            )
+            report.shape_mismatches.append(f"{key} (file {tuple(value.shape)}, model {tuple(model_state[key].shape)})")
         else:
             report.loaded.append(key)
     report.missing = [key for key in model_state if key not in file_state]

@@ -53,8 +53,12 @@ def export_network(
     prompt = torch.export.export(
         PromptStep(network),
         (embedding, clicks, labels, low_res),
-        dynamic_shapes={"embedding": None, "point_coords": {1: num_points}, "point_labels": {1: num_points},
-                        "mask_input": None},
+        dynamic_shapes={
+            "embedding": None,
+            "point_coords": {1: num_points},
+            "point_labels": {1: num_points},
+            "mask_input": None,
+        },
     )
     return encode, prompt
 

@@ -83,9 +83,7 @@ class PromptEncoder3D(nn.Module):
         """Positional encoding of the image embedding's grid: ``(1, C, g0, g1, g2)``."""
         return self.pe_layer.dense(grid).unsqueeze(0)
 
-    def embed_points(
-        self, coords: torch.Tensor, labels: torch.Tensor, image_size: Sequence[int]
-    ) -> torch.Tensor:
+    def embed_points(self, coords: torch.Tensor, labels: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
         """Sparse prompt tokens.
 
         Args:

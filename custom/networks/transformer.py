@@ -109,7 +109,7 @@ class TwoWayTransformer(nn.Module):
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image ``(B, C, g0, g1, g2)`` and its PE, tokens ``(B, N, C)`` -> tokens ``(B, N, C)``, image ``(B, g^3, C)``."""
+        """Image ``(B, C, g0, g1, g2)``, its PE, tokens ``(B, N, C)`` -> tokens ``(B, N, C)``, image ``(B, g^3, C)``."""
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
