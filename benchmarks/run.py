@@ -166,7 +166,9 @@ ROWS = {
     "training": [
         ("training", "sam_med3d_lite-fp32", 3),
         ("training", "sam_med3d_lite-bf16", 3),
+        ("training", "sam_med3d_small-fp32", 2),
         ("training", "sam_med3d_small-bf16", 2),
+        ("training", "sam_med3d-fp32", 2),
         ("training", "sam_med3d-bf16", 2),
     ],
 }
