@@ -254,6 +254,9 @@ class SaveBestModel:
     def __call__(self, engine) -> None:
         if engine.state.best_metric_epoch != engine.state.epoch:
             return
+        previous = self.output_dir / "model.json"
+        if previous.is_file() and json.loads(previous.read_text())["best_metric"] >= engine.state.best_metric:
+            return  # a resumed run's evaluator forgets earlier bests: the file remembers them
         save_atomic({"model": self.network.state_dict()}, self.output_dir / "model.pt")
         summary = {
             "epoch": engine.state.epoch,

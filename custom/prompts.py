@@ -58,7 +58,8 @@ def inner_core_click(
     for region, label in ((false_negative, 1), (false_positive, 0)):
         if region.any():
             distance = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
-            if best is None or distance.max() > best[0].max():
+            # on a tie the false positive wins, as upstream (positive only if the miss is strictly deeper)
+            if best is None or distance.max() >= best[0].max():
                 best = (distance, label)
     if best is None:
         return None

@@ -354,7 +354,7 @@ class ClampByModalityd(MapTransform):
 
 
 class NormalizeCropd(MapTransform):
-    """Upstream's per-crop intensity normalisation (:func:`custom.inferer.normalize_crop`) on each sample."""
+    """Upstream's per-crop intensity normalisation (:func:`normalize_crop`) on each sample."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
