@@ -47,3 +47,16 @@ def test_encoder_rejects_bad_shapes():
         model.encode(torch.zeros(1, 64, 64, 64))
     with pytest.raises(ValueError, match="multiples of 16"):
         model.encode(torch.zeros(1, 1, 64, 60, 64))
+
+
+def test_bf16_autocast_embedding_stays_within_one_percent_of_fp32(full_model):
+    image = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        exact = full_model.encode(image)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            approximate = full_model.encode(image).float()
+    assert approximate.dtype == torch.float32 and approximate.shape == exact.shape
+    relative_l2 = ((approximate - exact).norm() / exact.norm()).item()
+    assert relative_l2 < 1e-2
+    # bf16 must actually have been used: an autocast that silently ran in fp32 would agree to ~1e-6
+    assert relative_l2 > 1e-4

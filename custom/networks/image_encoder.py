@@ -79,10 +79,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def _axis_bias(
-        self, q: torch.Tensor, q_grid: Sequence[int], k_grid: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-axis bias terms ``(B, heads, qd, qh, qw, k_axis)`` for depth, height and width.
+    def _axis_bias(self, q: torch.Tensor, q_grid: Sequence[int], k_grid: Sequence[int]) -> list[torch.Tensor]:
+        """Per-axis bias terms ``(B, heads, Nq, k_axis)`` for depth, height and width.
 
         A query grid smaller than the key grid is its leading corner (the real tokens of a padded window).
         """
@@ -90,17 +88,53 @@ class Attention(nn.Module):
         r_q = q.reshape(b, h, *q_grid, self.head_dim)
         tables = (self.rel_pos_d, self.rel_pos_h, self.rel_pos_w)
         rel = [get_rel_pos(ks, ks, t)[:qs].to(q.dtype) for qs, ks, t in zip(q_grid, k_grid, tables)]
-        bias_d = torch.einsum("bndhwc,dkc->bndhwk", r_q, rel[0])
-        bias_h = torch.einsum("bndhwc,hkc->bndhwk", r_q, rel[1])
-        bias_w = torch.einsum("bndhwc,wkc->bndhwk", r_q, rel[2])
-        return bias_d, bias_h, bias_w
+        terms = (
+            torch.einsum("bndhwc,dkc->bndhwk", r_q, rel[0]),
+            torch.einsum("bndhwc,hkc->bndhwk", r_q, rel[1]),
+            torch.einsum("bndhwc,wkc->bndhwk", r_q, rel[2]),
+        )
+        return [t.reshape(b, h, -1, t.shape[-1]) for t in terms]
+
+    def _attend_with_bias(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        query_columns: Sequence[torch.Tensor],
+        key_columns: torch.Tensor,
+    ) -> torch.Tensor:
+        """``softmax(scale * q.k + sum_c query_columns[c] * key_columns[c]) v`` without a bias matrix.
+
+        The bias is a sum of per-axis terms, each a lookup by the key's coordinate on one axis: a product of
+        the query's term and a one-hot of the key's coordinate. Appending those as extra channels of q and k
+        lets fused attention compute it inside ``q.k``, instead of materialising ``(heads, Nq, Nk)`` biases.
+
+        Args:
+            q, k, v: ``(B, heads, N, C / heads)``.
+            query_columns: ``(B, heads, Nq, n_c)`` blocks whose concatenation has one column per key column.
+            key_columns: ``(Nk, sum n_c)`` per-key multipliers (one-hot coordinates, indicator columns).
+        """
+        scale = self.head_dim**-0.5
+        b, h = q.shape[:2]
+        q = torch.cat([q, *(c.to(q.dtype) / scale for c in query_columns)], dim=-1)
+        k = torch.cat([k, key_columns.to(k.dtype).expand(b, h, -1, -1)], dim=-1)
+        # The fused CPU kernels need v as wide as q; zero channels cost less than the unfused fallback.
+        v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., : self.head_dim]
 
     @staticmethod
-    def _joint_bias(bias_d: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor) -> torch.Tensor:
-        """Sum of per-axis terms over the key grid: ``(B, heads, Nq, kd * kh * kw)``."""
-        b, h, qd, qh, qw = bias_d.shape[:5]
-        joint = bias_d[..., :, None, None] + bias_h[..., None, :, None] + bias_w[..., None, None, :]
-        return joint.reshape(b, h, qd * qh * qw, -1)
+    def _coordinate_one_hot(q: torch.Tensor, k_grid: Sequence[int]) -> torch.Tensor:
+        """``(kd * kh * kw, kd + kh + kw)``: each key's depth, height and width coordinate, one-hot."""
+        kd, kh, kw = k_grid
+        eye = [torch.eye(s, dtype=q.dtype, device=q.device) for s in k_grid]
+        return torch.cat(
+            [
+                eye[0][:, None, None, :].expand(kd, kh, kw, kd),
+                eye[1][None, :, None, :].expand(kd, kh, kw, kh),
+                eye[2][None, None, :, :].expand(kd, kh, kw, kw),
+            ],
+            dim=-1,
+        ).reshape(kd * kh * kw, kd + kh + kw)
 
     def _merge_heads(self, out: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
         """``(B, heads, N, C / heads)`` -> projected ``(B, D, H, W, C)``."""
@@ -112,8 +146,10 @@ class Attention(nn.Module):
         """Global attention over the grid: ``(B, D, H, W, C)`` -> ``(B, D, H, W, C)``."""
         grid = x.shape[1:4]
         q, k, v = self._split_qkv(x)
-        bias = self._joint_bias(*self._axis_bias(q, grid, grid)) if self.use_rel_pos else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if self.use_rel_pos:
+            out = self._attend_with_bias(q, k, v, self._axis_bias(q, grid, grid), self._coordinate_one_hot(q, grid))
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self._merge_heads(out, grid)
 
     def forward_padded_window(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -131,31 +167,33 @@ class Attention(nn.Module):
         where ``S_a^all`` (``S_a^real``) sums ``exp(bias_a)`` over all (real) key positions of axis ``a``:
         one extra key with value ``b_v`` and that log-weight as its bias.
         """
-        grid = x.shape[1:4]
+        grid = tuple(x.shape[1:4])
         if any(s > window_size for s in grid):
-            raise ValueError(f"grid {tuple(grid)} does not fit in one window of {window_size}")
+            raise ValueError(f"grid {grid} does not fit in one window of {window_size}")
         if not self.use_rel_pos:
             raise ValueError("the closed form needs the relative position tables (use_rel_pos=True)")
         q, k, v = self._split_qkv(x)
         b = x.shape[0]
-        window = (window_size,) * 3
-        bias_d, bias_h, bias_w = self._axis_bias(q, grid, window)
-        real_bias = self._joint_bias(bias_d[..., : grid[0]], bias_h[..., : grid[1]], bias_w[..., : grid[2]])
-        if tuple(grid) == window:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=real_bias)
-            return self._merge_heads(out, grid)
-        axis_terms = [t.float() for t in (bias_d, bias_h, bias_w)]
-        log_all = sum(t.logsumexp(-1) for t in axis_terms)
-        log_real = sum(t[..., :s].logsumexp(-1) for t, s in zip(axis_terms, grid))
-        log_padded = log_all + torch.log(-torch.expm1(log_real - log_all))
-        pad_bias = log_padded.reshape(b, self.num_heads, -1, 1).to(real_bias.dtype)
+        axis_terms = self._axis_bias(q, grid, (window_size,) * 3)
+        real_terms = [t[..., :s] for t, s in zip(axis_terms, grid)]
+        real_keys = self._coordinate_one_hot(q, grid)
+        if grid == (window_size,) * 3:
+            return self._merge_heads(self._attend_with_bias(q, k, v, real_terms, real_keys), grid)
+        terms32 = [t.float() for t in axis_terms]
+        log_all = sum(t.logsumexp(-1) for t in terms32)
+        log_real = sum(t[..., :s].logsumexp(-1) for t, s in zip(terms32, grid))
+        log_padded = (log_all + torch.log(-torch.expm1(log_real - log_all)))[..., None]
         if self.qkv.bias is None:
             pad_kv = torch.zeros(2, self.num_heads, 1, self.head_dim, dtype=q.dtype, device=q.device)
         else:
             pad_kv = self.qkv.bias.reshape(3, self.num_heads, 1, self.head_dim)[1:].to(q.dtype)
         k = torch.cat([k, pad_kv[0].expand(b, -1, -1, -1)], dim=2)
         v = torch.cat([v, pad_kv[1].expand(b, -1, -1, -1)], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat([real_bias, pad_bias], dim=-1))
+        # The aggregated padding key carries only its log-weight (last column); real keys carry coordinates.
+        key_columns = torch.zeros(real_keys.shape[0] + 1, real_keys.shape[1] + 1, dtype=q.dtype, device=q.device)
+        key_columns[:-1, :-1] = real_keys
+        key_columns[-1, -1] = 1
+        out = self._attend_with_bias(q, k, v, [*real_terms, log_padded], key_columns)
         return self._merge_heads(out, grid)
 
 
@@ -234,14 +272,23 @@ class Block(nn.Module):
 
 
 class PatchEmbed3D(nn.Module):
-    """Non-overlapping cubic patches -> channels-last tokens ``(B, D/p, H/p, W/p, C)``."""
+    """Non-overlapping cubic patches -> channels-last tokens ``(B, D/p, H/p, W/p, C)``.
+
+    The weights are those of a strided ``Conv3d`` (the checkpoint format), applied as one matrix product over
+    the flattened patches: the same sums, and several times faster than CPU convolution under bf16 autocast.
+    """
 
     def __init__(self, patch_size: int = 16, in_chans: int = 1, embed_dim: int = 768) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 4, 1)
+        b, c, d, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, c, d // p, p, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = patches.reshape(b, d // p, h // p, w // p, c * p**3)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class ImageEncoderViT3D(nn.Module):
