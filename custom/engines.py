@@ -176,8 +176,13 @@ class ClickValidationStep:
 def parameter_groups(
     network: nn.Module, lr: float, decoder_lr_factor: float = 0.1, freeze_image_encoder: bool = False
 ) -> list[dict]:
-    """AdamW groups: the image encoder at ``lr`` (or frozen), prompt encoder and decoder at ``lr * factor``."""
-    encoder = list(network.image_encoder.parameters())
+    """AdamW groups: the image encoder at ``lr`` (or frozen), prompt encoder and decoder at ``lr * factor``.
+
+    Parameters a network names in ``frozen_parameter_names()`` (the frozen 2D backbone of ``medsam3d_adapter``)
+    stay frozen and out of the groups.
+    """
+    keep_frozen = set(network.frozen_parameter_names()) if hasattr(network, "frozen_parameter_names") else set()
+    encoder = [p for n, p in network.image_encoder.named_parameters() if f"image_encoder.{n}" not in keep_frozen]
     for param in encoder:
         param.requires_grad_(not freeze_image_encoder)
     rest = [p for name, p in network.named_parameters() if not name.startswith("image_encoder.")]

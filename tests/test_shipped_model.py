@@ -10,8 +10,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import torch
-
 from conftest import REPO_ROOT
+
 from custom.networks import build_sam_med3d, load_checkpoint
 
 BUNDLE = REPO_ROOT / "bundle"
@@ -32,8 +32,18 @@ def test_shipped_model_loads_strictly_into_the_named_variant():
 
 def test_default_inference_on_the_shipped_sample(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs/inference.json"),
-           "--bundle_root", str(BUNDLE), "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(BUNDLE / "configs/inference.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--output_dir",
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     predicted = np.asarray(nib.load(out / "openkbp_pt_243" / "openkbp_pt_243_seg.nii.gz").dataobj)

@@ -1,5 +1,14 @@
 """Networks: the SAM-Med3D encoder, prompt encoder, decoder, model, registry and checkpoint loading."""
 
+from .autoseg import (
+    AutocastInferer,
+    SamEncoderUNETR,
+    build_autoseg,
+    image_case_list,
+    load_encoder_weights,
+    with_autoseg_checkpoint,
+    with_encoder_weights,
+)
 from .checkpoint import (
     LoadReport,
     compare_state_dicts,
@@ -11,18 +20,29 @@ from .checkpoint import (
 )
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
+from .medsam3d import MedSAM3D, Sam2dLoadReport, build_medsam3d, with_pretrained
 from .prompt_encoder import PromptEncoder3D
 from .registry import SAM_MED3D_VARIANTS, available_networks, build_sam_med3d
 from .sam_med3d import SamMed3D, upsample_logits
 
 __all__ = [
+    "AutocastInferer",
+    "SamEncoderUNETR",
+    "build_autoseg",
+    "image_case_list",
+    "load_encoder_weights",
+    "with_autoseg_checkpoint",
+    "with_encoder_weights",
     "ImageEncoderViT3D",
     "LoadReport",
     "MaskDecoder3D",
+    "MedSAM3D",
     "PromptEncoder3D",
     "SAM_MED3D_VARIANTS",
+    "Sam2dLoadReport",
     "SamMed3D",
     "available_networks",
+    "build_medsam3d",
     "build_sam_med3d",
     "compare_state_dicts",
     "extract_state_dict",
@@ -31,4 +51,5 @@ __all__ = [
     "save_atomic",
     "upsample_logits",
     "with_checkpoint",
+    "with_pretrained",
 ]

@@ -13,6 +13,7 @@ from typing import Any
 
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
+from .medsam3d import build_medsam3d
 from .prompt_encoder import PromptEncoder3D
 from .sam_med3d import SamMed3D
 
@@ -62,6 +63,26 @@ SAM_MED3D_VARIANTS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingP
                 decoder_heads=8,
                 decoder_mlp_dim=1024,
                 mask_in_chans=16,
+            )
+        ),
+        # 3DMedSAM (custom/networks/medsam3d.py): 2D SAM ViT-B, frozen, with 3D adapters; 64^3 crops of 8^3
+        # patches. ``sam2d_checkpoint`` names a segment-anything ViT-B file (None: random backbone).
+        "medsam3d_adapter": MappingProxyType(
+            dict(
+                image_size=64,
+                patch_size=8,
+                encoder_embed_dim=768,
+                encoder_depth=12,
+                encoder_num_heads=12,
+                adapter_dim=64,
+                skip_depths=(8, 4),
+                skip_chans=(64, 64),
+                prompt_embed_dim=256,
+                decoder_heads=8,
+                decoder_mlp_dim=2048,
+                mask_in_chans=16,
+                freeze_backbone=True,
+                sam2d_checkpoint=None,
             )
         ),
         "sam_med3d_tiny": MappingProxyType(
@@ -133,13 +154,15 @@ def build_sam_med3d(name: str = "sam_med3d", **overrides: Any) -> SamMed3D:
             ``encoder_depth``, ``encoder_num_heads``, ``encoder_global_attn_indexes``, ``window_size``,
             ``prompt_embed_dim``, ``decoder_heads``, ``decoder_mlp_dim``, ``mask_in_chans``) and
             ``fast_window_attention`` (default True; False selects the padded reference computation).
+            ``"medsam3d_adapter"`` takes the settings of :func:`custom.networks.medsam3d.build_medsam3d`.
     """
     if name not in SAM_MED3D_VARIANTS:
         raise KeyError(f"unknown network_name {name!r}; registered: {', '.join(available_networks())}")
     settings = dict(SAM_MED3D_VARIANTS[name])
-    allowed = set(settings) | {"fast_window_attention"}
+    builder = build_medsam3d if name == "medsam3d_adapter" else _build_sam
+    allowed = set(settings) | ({"fast_window_attention"} if builder is _build_sam else set())
     unknown = set(overrides) - allowed
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)} for {name!r}; allowed: {sorted(allowed)}")
     settings.update(overrides)
-    return _build_sam(**settings)
+    return builder(**settings)
