@@ -239,6 +239,15 @@ class FaultTolerantDataset(IterableDataset):
                 self.case_list.report_failure(f"case {item['case']!r}: {type(cause).__name__}: {cause}")
 
 
+def dataset_modality(path: str | os.PathLike) -> str:
+    """The modality an MSD ``dataset.json`` names once for all its cases (``modality["0"]``, e.g. ``"CT"``,
+    which chooses the intensity clamping); ``""`` when the file names none."""
+    with open(path) as handle:
+        content = json.load(handle)
+    listed = content.get("modality", {}) if isinstance(content, Mapping) else {}
+    return str(listed.get("0", "")) if isinstance(listed, Mapping) else str(listed)
+
+
 def read_labelled_datalist(
     datalist: str | os.PathLike | Sequence[str | os.PathLike],
     data_list_key: str = "training",
@@ -268,8 +277,7 @@ def read_labelled_datalist(
             raise ValueError(f"datalist {str(path)!r}: no list {data_list_key!r} ({err})") from err
         if not listed:
             raise ValueError(f"datalist {str(path)!r}: the list {data_list_key!r} is empty")
-        with open(path) as handle:
-            modality = str(json.load(handle).get("modality", {}).get("0", ""))
+        modality = dataset_modality(path)
         entries.extend(dict(entry, modality=modality) for entry in listed)
     return entries
 
@@ -336,3 +344,57 @@ def expand_targets(entries: Sequence[Mapping[str, Any]], max_targets: int | None
     if max_targets is not None and len(targets) > max_targets:
         targets = [targets[round(i * len(targets) / max_targets)] for i in range(max_targets)]
     return targets
+
+
+def image_case_list(
+    input_dict: Mapping[str, Any] | None = None,
+    datalist: str | os.PathLike | None = None,
+    data_list_key: str | None = None,
+    require_label: bool = False,
+    max_cases: int | None = None,
+) -> CaseList:
+    """Cases to segment automatically, from ``input_dict`` and/or a datalist (a list, or a dict holding one
+    under ``data_list_key``): ``{"image", "case", "modality"}`` (the entry's modality, else an MSD
+    ``dataset.json``'s ``modality["0"]``) plus ``"label"`` where the entry has one;
+    prompts, if any, are ignored. A missing file is reported as a failure of the run
+    (:meth:`CaseList.raise_if_failed`) and the other cases go on.
+
+    Args:
+        require_label: evaluation: an entry without an existing ``label`` file is a failure.
+        max_cases: keep the first ``max_cases`` entries only (in datalist order); None: all.
+
+    Raises:
+        ValueError: nothing to segment (no input, an empty datalist, ``max_cases < 1``).
+    """
+    entries: list[tuple[Any, Path | None, str]] = [(input_dict, None, "")] if input_dict else []
+    if datalist:
+        raw, folder = read_datalist(datalist, data_list_key)
+        default_modality = dataset_modality(datalist)
+        entries.extend((entry, folder, default_modality) for entry in raw)
+    if max_cases is not None:
+        if max_cases < 1:
+            raise ValueError(f"max_cases must be >= 1 or None, got {max_cases!r}")
+        entries = entries[:max_cases]
+    if not entries:
+        raise ValueError("nothing to segment: give --input_dict or --datalist")
+    cases = CaseList.__new__(CaseList)
+    cases.cases, cases.failures = [], []
+    for entry, folder, default_modality in entries:
+        if not isinstance(entry, Mapping) or "image" not in entry:
+            cases.report_failure(f"a case must be a dict with an 'image' path, got {entry!r}")
+            continue
+        paths = {}
+        for key in ("image", "label"):
+            if key in entry:
+                path = Path(str(entry[key])).expanduser()
+                paths[key] = folder / path if folder is not None and not path.is_absolute() else path
+        case = case_name(paths["image"])
+        problems = [f"{k} {str(p)!r} does not exist" for k, p in paths.items() if not p.exists()]
+        if require_label and "label" not in paths:
+            problems.append("no 'label' entry (evaluation needs the reference segmentation)")
+        if problems:
+            cases.report_failure(f"case {case!r}: " + "; ".join(problems))
+            continue
+        item = {k: str(p) for k, p in paths.items()}
+        cases.cases.append(dict(item, case=case, modality=str(entry.get("modality", default_modality))))
+    return cases

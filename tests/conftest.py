@@ -74,3 +74,24 @@ def full_model():
     from custom.networks import build_sam_med3d
 
     return randomize_(build_sam_med3d("sam_med3d"), seed=1).eval()
+
+
+def fit_fixed_batch(network: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, steps: int) -> list[float]:
+    """Train ``network`` on one batch with the interactive training forward (3 click steps, one mask-only)
+    and the training loss; returns the loss of every step."""
+    from monai.losses import DiceCELoss
+
+    from custom.engines import InteractiveSegmentation, parameter_groups
+
+    model = InteractiveSegmentation(network, num_click_steps=3, mask_only_step_range=(2, 2))
+    optimizer = torch.optim.AdamW(parameter_groups(network, 2e-3, decoder_lr_factor=1.0), weight_decay=0.1)
+    loss_function = DiceCELoss(sigmoid=True, squared_pred=True)
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        logits = model(image, target, torch.Generator().manual_seed(step))
+        loss = sum(loss_function(step_logits, target) for step_logits in logits)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

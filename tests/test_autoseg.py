@@ -14,10 +14,10 @@ from conftest import REPO_ROOT, randomize_
 from monai.bundle import ConfigWorkflow
 from monai.losses import DiceCELoss
 
+from custom.data import image_case_list
 from custom.networks import (
     build_autoseg,
     build_sam_med3d,
-    image_case_list,
     load_encoder_weights,
     save_atomic,
     with_autoseg_checkpoint,

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fit_fixed_batch
 from monai.bundle import ConfigWorkflow
-from monai.losses import DiceCELoss
 
-from custom.engines import InteractiveSegmentation, parameter_groups
+from custom.engines import parameter_groups
 from custom.networks import (
     MedSAM3D,
     available_networks,
@@ -298,22 +297,13 @@ def test_frozen_parameters_get_no_gradient_adapters_and_decoder_do():
 def test_a_fixed_batch_is_learned():
     torch.manual_seed(0)
     network = build_sam_med3d("medsam3d_adapter", **SMALL)
-    model = InteractiveSegmentation(network, num_click_steps=3, mask_only_step_range=(2, 2))
     target = torch.zeros(2, 1, 32, 32, 32)
     target[0, 0, 8:20, 10:22, 6:18] = 1
     target[1, 0, 14:28, 4:16, 12:30] = 1
     image = torch.randn(2, 1, 32, 32, 32) + 3 * target
-    optimizer = torch.optim.AdamW(parameter_groups(network, 2e-3, decoder_lr_factor=1.0), weight_decay=0.1)
     frozen_before = {n: p.detach().clone() for n, p in network.named_parameters() if not p.requires_grad}
-    loss_function = DiceCELoss(sigmoid=True, squared_pred=True)
-    losses = []
-    for step in range(25):
-        optimizer.zero_grad()
-        logits = model(image, target, torch.Generator().manual_seed(step))
-        loss = sum(loss_function(step_logits, target) for step_logits in logits)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    assert frozen_before
+    losses = fit_fixed_batch(network, image, target, steps=25)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
     assert all(torch.equal(p, frozen_before[n]) for n, p in network.named_parameters() if n in frozen_before)
 

@@ -10,13 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fit_fixed_batch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-from monai.losses import DiceCELoss
 
 from custom.data import load_training_datalist
-from custom.engines import InteractiveSegmentation, parameter_groups
 from custom.networks import build_sam_med3d, load_checkpoint
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
@@ -62,22 +60,12 @@ def test_one_epoch_through_the_bundle_writes_checkpoints(tmp_path):
 def test_the_model_learns_a_fixed_batch():
     torch.manual_seed(0)
     network = build_sam_med3d("sam_med3d_tiny", image_size=64)
-    model = InteractiveSegmentation(network, num_click_steps=3, mask_only_step_range=(2, 2))
     image = torch.randn(2, 1, 64, 64, 64)
     target = torch.zeros(2, 1, 64, 64, 64)
     target[0, 0, 20:40, 25:45, 10:30] = 1
     target[1, 0, 30:50, 10:30, 30:54] = 1
     image = image + 3 * target
-    optimizer = torch.optim.AdamW(parameter_groups(network, 2e-3, decoder_lr_factor=1.0), weight_decay=0.1)
-    loss_function = DiceCELoss(sigmoid=True, squared_pred=True)
-    losses = []
-    for step in range(30):
-        optimizer.zero_grad()
-        logits = model(image, target, torch.Generator().manual_seed(step))
-        loss = sum(loss_function(step_logits, target) for step_logits in logits)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_fixed_batch(network, image, target, steps=30)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
 
 

@@ -1,10 +1,8 @@
 """Networks: the SAM-Med3D encoder, prompt encoder, decoder, model, registry and checkpoint loading."""
 
 from .autoseg import (
-    AutocastInferer,
     SamEncoderUNETR,
     build_autoseg,
-    image_case_list,
     load_encoder_weights,
     with_autoseg_checkpoint,
     with_encoder_weights,
@@ -26,10 +24,8 @@ from .registry import SAM_MED3D_VARIANTS, available_networks, build_sam_med3d
 from .sam_med3d import SamMed3D, upsample_logits
 
 __all__ = [
-    "AutocastInferer",
     "SamEncoderUNETR",
     "build_autoseg",
-    "image_case_list",
     "load_encoder_weights",
     "with_autoseg_checkpoint",
     "with_encoder_weights",

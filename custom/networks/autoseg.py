@@ -12,21 +12,15 @@ one full-resolution convolutional skip from the image itself.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 import torch
-from monai.inferers import Inferer
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
-from ..data import CaseList, case_name, read_datalist
-from ..precision import autocast, check_autocast_dtype
 from .checkpoint import LoadReport, compare_state_dicts, read_checkpoint
 from .image_encoder import ImageEncoderViT3D
 from .registry import build_sam_med3d
@@ -248,84 +242,3 @@ def with_autoseg_checkpoint(
     network.load_state_dict(file_state)
     logger.info(f"loaded {path}: {report.describe()}")
     return network
-
-
-class AutocastInferer(Inferer):
-    """Runs ``inferer`` with every network call under autocast (``"bfloat16"``, ``"float16"`` or None) and
-    float32 logits out; MONAI engines' own ``amp`` is CUDA-only, and bf16 is several times faster on CPUs
-    with AMX/AVX512-BF16.
-
-    Args:
-        inferer: the wrapped inferer (``SimpleInferer`` for training, ``SlidingWindowInferer`` for volumes).
-        autocast_dtype: the autocast dtype name, or None for full precision.
-    """
-
-    def __init__(self, inferer: Inferer, autocast_dtype: str | None = None) -> None:
-        super().__init__()
-        self.inferer = inferer
-        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
-
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
-        def run(x: torch.Tensor, *a, **k) -> torch.Tensor:
-            with autocast(x.device, self.autocast_dtype):
-                return network(x, *a, **k).float()
-
-        return self.inferer(inputs, run, *args, **kwargs)
-
-
-def image_case_list(
-    input_dict: Mapping[str, Any] | None = None,
-    datalist: str | os.PathLike | None = None,
-    data_list_key: str | None = None,
-    require_label: bool = False,
-    max_cases: int | None = None,
-) -> CaseList:
-    """Cases to segment automatically, from ``input_dict`` and/or a datalist (a list, or a dict holding one
-    under ``data_list_key``): ``{"image", "case", "modality"}`` (the entry's modality, else an MSD
-    ``dataset.json``'s ``modality["0"]``) plus ``"label"`` where the entry has one;
-    prompts, if any, are ignored. A missing file is reported as a failure of the run
-    (:meth:`CaseList.raise_if_failed`) and the other cases go on.
-
-    Args:
-        require_label: evaluation: an entry without an existing ``label`` file is a failure.
-        max_cases: keep the first ``max_cases`` entries only (in datalist order); None: all.
-
-    Raises:
-        ValueError: nothing to segment (no input, an empty datalist, ``max_cases < 1``).
-    """
-    entries: list[tuple[Any, Path | None, str]] = [(input_dict, None, "")] if input_dict else []
-    if datalist:
-        raw, folder = read_datalist(datalist, data_list_key)
-        # an MSD dataset.json names the modality once for all cases (it chooses the CT intensity clamp)
-        with open(datalist) as handle:
-            content = json.load(handle)
-        listed = content.get("modality", {}) if isinstance(content, Mapping) else {}
-        default_modality = str(listed.get("0", "")) if isinstance(listed, Mapping) else str(listed)
-        entries.extend((entry, folder, default_modality) for entry in raw)
-    if max_cases is not None:
-        if max_cases < 1:
-            raise ValueError(f"max_cases must be >= 1 or None, got {max_cases!r}")
-        entries = entries[:max_cases]
-    if not entries:
-        raise ValueError("nothing to segment: give --input_dict or --datalist")
-    cases = CaseList.__new__(CaseList)
-    cases.cases, cases.failures = [], []
-    for entry, folder, default_modality in entries:
-        if not isinstance(entry, Mapping) or "image" not in entry:
-            cases.report_failure(f"a case must be a dict with an 'image' path, got {entry!r}")
-            continue
-        paths = {}
-        for key in ("image", "label"):
-            if key in entry:
-                path = Path(str(entry[key])).expanduser()
-                paths[key] = folder / path if folder is not None and not path.is_absolute() else path
-        case = case_name(paths["image"])
-        problems = [f"{k} {str(p)!r} does not exist" for k, p in paths.items() if not p.exists()]
-        if require_label and "label" not in paths:
-            problems.append("no 'label' entry (evaluation needs the reference segmentation)")
-        if problems:
-            cases.report_failure(f"case {case!r}: " + "; ".join(problems))
-            continue
-        item = {k: str(p) for k, p in paths.items()}
-        cases.cases.append(dict(item, case=case, modality=str(entry.get("modality", default_modality))))
-    return cases

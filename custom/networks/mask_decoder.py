@@ -73,16 +73,29 @@ class MaskDecoder3D(nn.Module):
         Returns:
             low-res logits ``(B, 1, 4g0, 4g1, 4g2)`` and predicted IoU ``(B, 1)``.
         """
+        tokens_out, src = self.attend(image_embedding, image_pe, sparse_prompt, dense_prompt)
+        return self.predict(tokens_out, self.output_upscaling(src))
+
+    def attend(
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt: torch.Tensor,
+        dense_prompt: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer: output tokens ``(B, 1 + masks + N, C)`` and the attended image
+        ``(B, C, g0, g1, g2)`` (arguments as in :meth:`forward`)."""
         b, c, *grid = image_embedding.shape
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.expand(b, -1, -1).to(sparse_prompt.dtype), sparse_prompt], dim=1)
-        src = image_embedding + dense_prompt
         pos = image_pe.expand(b, -1, -1, -1, -1)
-        tokens_out, src = self.transformer(src, pos, tokens)
-        src = src.transpose(1, 2).reshape(b, c, *grid)
-        upscaled = self.output_upscaling(src)
-        mask_token = tokens_out[:, 1]
-        hyper = self.output_hypernetworks_mlps[0](mask_token)
+        tokens_out, src = self.transformer(image_embedding + dense_prompt, pos, tokens)
+        return tokens_out, src.transpose(1, 2).reshape(b, c, *grid)
+
+    def predict(self, tokens_out: torch.Tensor, upscaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask token 0's hypernetwork applied to the up-scaled image ``(B, C / 8, 4g0, 4g1, 4g2)``: low-res
+        logits ``(B, 1, 4g0, 4g1, 4g2)`` and the IoU prediction ``(B, 1)``."""
+        hyper = self.output_hypernetworks_mlps[0](tokens_out[:, 1])
         masks = torch.einsum("bc,bcdhw->bdhw", hyper, upscaled).unsqueeze(1)
         iou = self.iou_prediction_head(tokens_out[:, 0])[:, :1]
         return masks, iou

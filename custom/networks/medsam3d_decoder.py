@@ -7,13 +7,11 @@ to 3D). Shapes use ``g`` for the encoder's token grid, ``C = 256`` for the promp
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .common import LayerNorm3d
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PositionEmbeddingRandom3D, PromptEncoder3D
 
@@ -25,18 +23,8 @@ class SamPositionEmbedding3D(PositionEmbeddingRandom3D):
     cell uses the same order as the points (2D SAM has no axis swap either).
     """
 
-    def encode(self, coords: torch.Tensor) -> torch.Tensor:
-        """``(..., 3)`` coordinates in ``[0, 1]`` -> ``(..., 2 * num_pos_feats)``."""
-        matrix = self.positional_encoding_gaussian_matrix
-        projected = 2 * math.pi * ((2 * coords - 1).to(matrix.dtype) @ matrix)
-        return torch.cat([projected.sin(), projected.cos()], dim=-1)
-
-    def dense(self, grid: Sequence[int]) -> torch.Tensor:
-        """Encoding of every cell centre of ``grid`` -> ``(C, g0, g1, g2)``."""
-        device = self.positional_encoding_gaussian_matrix.device
-        centres = [(torch.arange(s, device=device, dtype=torch.float32) + 0.5) / s for s in grid]
-        coords = torch.stack(torch.meshgrid(*centres, indexing="ij"), dim=-1)
-        return self.encode(coords).permute(3, 0, 1, 2)
+    repeat_sine = False
+    swap_dense_axes = False
 
 
 class SamPromptEncoder3D(PromptEncoder3D):
@@ -49,27 +37,9 @@ class SamPromptEncoder3D(PromptEncoder3D):
     """
 
     def __init__(self, embed_dim: int = 256, mask_in_chans: int = 16) -> None:
-        # The parent's __init__ builds the sin/cos/sin encoding of SAM-Med3D (width divisible by 3); 2D SAM
-        # uses sin/cos, so the modules are built here and only the prompt logic is inherited.
-        nn.Module.__init__(self)
         if embed_dim % 2:
             raise ValueError(f"prompt embed_dim={embed_dim} must be even (sin and cos halves)")
-        self.embed_dim = embed_dim
-        self.pe_layer = SamPositionEmbedding3D(embed_dim // 2)
-        # Index = point label: 0 negative, 1 positive (2D SAM's box-corner embeddings 2 and 3 have no use here).
-        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
-        self.not_a_point_embed = nn.Embedding(1, embed_dim)
-        self.mask_downscaling = nn.Sequential(
-            nn.Conv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            LayerNorm3d(mask_in_chans // 4),
-            nn.GELU(),
-            nn.Conv3d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            LayerNorm3d(mask_in_chans),
-            nn.GELU(),
-            nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1),
-        )
-        # The decode contract always passes a mask (zeros at the first click), as in SamMed3D.
-        self.no_mask_embed = nn.Embedding(1, embed_dim)
+        super().__init__(embed_dim, mask_in_chans, pe_layer=SamPositionEmbedding3D(embed_dim // 2))
 
 
 class MultiScaleMaskDecoder3D(MaskDecoder3D):
@@ -127,7 +97,7 @@ class MultiScaleMaskDecoder3D(MaskDecoder3D):
         Returns:
             low-res logits ``(B, 1, 4g0, 4g1, 4g2)`` and predicted IoU ``(B, 1)``.
         """
-        b, channels, *grid = image_embedding.shape
+        channels = image_embedding.shape[1]
         c = dense_prompt.shape[1]
         s2, s4 = self.skip_chans
         if channels != c + s2 + s4:
@@ -136,14 +106,8 @@ class MultiScaleMaskDecoder3D(MaskDecoder3D):
                 f"got {channels}: was it computed by this network's encode()?"
             )
         deep, mid, shallow = image_embedding.split([c, s2, s4], dim=1)
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.expand(b, -1, -1).to(sparse_prompt.dtype), sparse_prompt], dim=1)
-        tokens_out, src = self.transformer(deep + dense_prompt, image_pe.expand(b, -1, -1, -1, -1), tokens)
-        src = src.transpose(1, 2).reshape(b, c, *grid)
+        tokens_out, src = self.attend(deep, image_pe, sparse_prompt, dense_prompt)
         up = self.output_upscaling
         x = up[2](up[1](up[0](src))) + self.fuse_2x(mid)
         x = up[4](up[3](x) + self.fuse_4x(shallow))
-        hyper = self.output_hypernetworks_mlps[0](tokens_out[:, 1])
-        masks = torch.einsum("bc,bcdhw->bdhw", hyper, x).unsqueeze(1)
-        iou = self.iou_prediction_head(tokens_out[:, 0])[:, :1]
-        return masks, iou
+        return self.predict(tokens_out, x)

@@ -27,22 +27,33 @@ class PositionEmbeddingRandom3D(nn.Module):
     The Gaussian matrix ``(3, num_pos_feats)`` is a persistent buffer: checkpoints carry it.
     """
 
+    #: SAM-Med3D's quirks (module docstring); 2D SAM's encoding has neither.
+    repeat_sine = True
+    swap_dense_axes = True
+
     def __init__(self, num_pos_feats: int = 128, scale: float = 1.0) -> None:
         super().__init__()
         self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn(3, num_pos_feats))
 
+    @property
+    def width(self) -> int:
+        """Channels of the encoding."""
+        return (3 if self.repeat_sine else 2) * self.positional_encoding_gaussian_matrix.shape[1]
+
     def encode(self, coords: torch.Tensor) -> torch.Tensor:
-        """``(..., 3)`` coordinates in ``[0, 1]`` -> ``(..., 3 * num_pos_feats)``."""
+        """``(..., 3)`` coordinates in ``[0, 1]`` -> ``(..., width)``."""
         matrix = self.positional_encoding_gaussian_matrix
         projected = 2 * math.pi * ((2 * coords - 1).to(matrix.dtype) @ matrix)
-        return torch.cat([projected.sin(), projected.cos(), projected.sin()], dim=-1)
+        blocks = [projected.sin(), projected.cos()] + ([projected.sin()] if self.repeat_sine else [])
+        return torch.cat(blocks, dim=-1)
 
     def dense(self, grid: Sequence[int]) -> torch.Tensor:
-        """Encoding of every cell centre of a ``grid`` -> ``(C, g0, g1, g2)`` (axes 0 and 1 swapped)."""
+        """Encoding of every cell centre of a ``grid`` -> ``(C, g0, g1, g2)``."""
         device = self.positional_encoding_gaussian_matrix.device
         centres = [(torch.arange(s, device=device, dtype=torch.float32) + 0.5) / s for s in grid]
         c0, c1, c2 = torch.meshgrid(*centres, indexing="ij")
-        return self.encode(torch.stack([c1, c0, c2], dim=-1)).permute(3, 0, 1, 2)
+        order = [c1, c0, c2] if self.swap_dense_axes else [c0, c1, c2]
+        return self.encode(torch.stack(order, dim=-1)).permute(3, 0, 1, 2)
 
     def points(self, coords: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
         """Voxel-centre encoding of ``(B, N, 3)`` points (array order) in an image of ``image_size`` voxels."""
@@ -54,16 +65,23 @@ class PromptEncoder3D(nn.Module):
     """Embeds point and mask prompts for the mask decoder.
 
     Args:
-        embed_dim: prompt width ``C`` (the image embedding's channels); divisible by 3.
+        embed_dim: prompt width ``C`` (the image embedding's channels); divisible by 3 for the default encoding.
         mask_in_chans: hidden channels of the mask down-scaling.
+        pe_layer: the positional encoding (default: SAM-Med3D's, ``embed_dim / 3`` features).
     """
 
-    def __init__(self, embed_dim: int = 384, mask_in_chans: int = 16) -> None:
+    def __init__(
+        self, embed_dim: int = 384, mask_in_chans: int = 16, pe_layer: PositionEmbeddingRandom3D | None = None
+    ) -> None:
         super().__init__()
-        if embed_dim % 3:
-            raise ValueError(f"prompt embed_dim={embed_dim} must be divisible by 3 (sin, cos, sin blocks)")
+        if pe_layer is None:
+            if embed_dim % 3:
+                raise ValueError(f"prompt embed_dim={embed_dim} must be divisible by 3 (sin, cos, sin blocks)")
+            pe_layer = PositionEmbeddingRandom3D(embed_dim // 3)
+        if pe_layer.width != embed_dim:
+            raise ValueError(f"the positional encoding is {pe_layer.width} wide, the prompts {embed_dim}")
         self.embed_dim = embed_dim
-        self.pe_layer = PositionEmbeddingRandom3D(embed_dim // 3)
+        self.pe_layer = pe_layer
         # Index = point label: 0 negative, 1 positive.
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
