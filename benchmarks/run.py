@@ -60,24 +60,69 @@ def bench_encoder(mode: str, repeats: int) -> dict:
     return {"seconds": seconds, "gflop": counter.get_total_flops() / 1e9}
 
 
-def bench_plain_vit(dtype: str, repeats: int) -> dict:
-    """The baseline the encoder is held to: 12 plain ViT-B blocks (width 768, 12 heads) over 512 tokens, no
-    position bias, no patch embedding, no neck."""
-    from torch.utils.flop_counter import FlopCounterMode
+def bench_encoder_vs_vit(dtype: str, rounds: int) -> dict:
+    """The encoder (released configuration, fast path) against a plain ViT-B of the same width over the same
+    512 tokens (12 blocks, 12 heads, no position bias, no neck), run alternately in one process so that both
+    see the same machine: ``ratio`` is the median over rounds of encoder / ViT-B blocks, ``ratio_embed`` of
+    encoder / ViT-B with its patch embedding (16^3 patches of the same 128^3 crop, absolute position)."""
+    from custom.networks import build_sam_med3d
+    from custom.networks.image_encoder import Block, PatchEmbed3D
 
-    from custom.networks.image_encoder import Block
-
+    encoder = build_sam_med3d("sam_med3d").eval().image_encoder
     blocks = torch.nn.Sequential(*(Block(768, 12, use_rel_pos=False, window_size=0) for _ in range(12))).eval()
-    tokens = torch.randn(1, 8, 8, 8, 768)
+    embed, position = PatchEmbed3D(16, 1, 768).eval(), torch.zeros(1, 8, 8, 8, 768)
+    image, tokens = torch.randn(1, 1, 128, 128, 128), torch.randn(1, 8, 8, 8, 768)
+    runs = {
+        "encoder": lambda: encoder(image),
+        "blocks": lambda: blocks(tokens),
+        "embed": lambda: blocks(embed(image) + position),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad(), _autocast(dtype):
+        for run in runs.values():
+            run()
+        for _ in range(rounds):
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - started)
+    ratio = [e / b for e, b in zip(times["encoder"], times["blocks"])]
+    ratio_embed = [e / b for e, b in zip(times["encoder"], times["embed"])]
+    return {
+        "seconds": statistics.median(times["encoder"]),
+        "ratio": statistics.median(ratio),
+        "ratio_embed": statistics.median(ratio_embed),
+        "note": f"ViT-B blocks {statistics.median(times['blocks']):.3f} s, with patch embedding "
+        f"{statistics.median(times['embed']):.3f} s",
+    }
 
-    def run():
-        with torch.no_grad(), _autocast(dtype):
-            blocks(tokens)
 
-    seconds = _median_seconds(run, repeats)
-    with FlopCounterMode(display=False) as counter:
-        run()
-    return {"seconds": seconds, "gflop": counter.get_total_flops() / 1e9}
+def bench_bf16_error(fixture: str, repeats: int) -> dict:
+    """bf16 autocast against float32 on the upstream fixture (``tests/data/upstream_parity``): the embedding's
+    relative L2 and max-abs errors, and those of the upstream float64 result against float32."""
+    from custom.networks import build_sam_med3d, load_checkpoint
+
+    folder = REPO / "tests" / "data" / fixture
+    io = torch.load(folder / "upstream_tiny_io.pt", weights_only=True)
+    overrides = dict(image_size=64, patch_size=8, encoder_embed_dim=192, encoder_depth=4, encoder_num_heads=3)
+    network = build_sam_med3d("sam_med3d", encoder_global_attn_indexes=(1, 3), prompt_embed_dim=96, **overrides)
+    load_checkpoint(network.eval(), folder / "upstream_tiny.pth")
+    with torch.no_grad():
+        fp32 = network.encode(io["image"])
+        started = time.perf_counter()
+        with _autocast("bf16"):
+            bf16 = network.encode(io["image"]).float()
+        seconds = time.perf_counter() - started
+
+    def errors(a, b):
+        return (a - b).norm() / b.norm(), (a - b).abs().max() / b.abs().max()
+
+    l2, peak = errors(bf16, fp32)
+    l2_up, peak_up = errors(fp32, io["embedding"])
+    return {
+        "seconds": seconds,
+        "note": f"bf16 vs fp32: {l2:.2e} rel L2, {peak:.2e} rel max; fp32 vs upstream: {l2_up:.1e} / {peak_up:.1e}",
+    }
 
 
 def bench_matmul(dtype: str, repeats: int) -> dict:
@@ -119,12 +164,12 @@ def bench_case(dtype: str, repeats: int) -> dict:
     import numpy as np
     from monai.bundle import ConfigWorkflow
 
-    from custom.networks import build_sam_med3d, save_atomic
+    from custom.networks import build_sam_med3d, checkpoint_payload, save_atomic
 
     folder = Path(tempfile.mkdtemp())
     volume = np.random.default_rng(0).normal(0, 300, (512, 512, 100)).astype(np.int16)
     nib.Nifti1Image(volume, np.diag([0.8, 0.8, 5.0, 1.0])).to_filename(folder / "ct.nii.gz")
-    save_atomic({"model": build_sam_med3d("sam_med3d").state_dict()}, folder / "model.pt")
+    save_atomic(checkpoint_payload(build_sam_med3d("sam_med3d")), folder / "model.pt")
     run_seconds, startup_seconds = [], []
     for _ in range(repeats + 1):
         started = time.perf_counter()
@@ -194,8 +239,9 @@ ROWS = {
         ("encoder", "fast-fp32", 3),
         ("encoder", "fast-bf16", 3),
         ("encoder", "padded-fp32", 2),
-        ("plain_vit_b", "fp32", 3),
-        ("plain_vit_b", "bf16", 3),
+        ("encoder_vs_vit_b", "fp32", 9),
+        ("encoder_vs_vit_b", "bf16", 9),
+        ("bf16_error", "upstream_parity", 1),
         ("matmul", "fp32", 5),
         ("matmul", "bf16", 5),
     ],
@@ -212,8 +258,9 @@ ROWS = {
 }
 BENCHES = {
     "encoder": bench_encoder,
-    "plain_vit_b": bench_plain_vit,
+    "encoder_vs_vit_b": bench_encoder_vs_vit,
     "matmul": bench_matmul,
+    "bf16_error": bench_bf16_error,
     "click": bench_click,
     "case": bench_case,
     "training": bench_training,
@@ -260,9 +307,12 @@ def main() -> None:
     if bf16 and fast:
         print(f"encoder fast fp32/bf16: {fast['seconds'] / bf16['seconds']:.2f}x")
     for dtype in ("fp32", "bf16"):
-        encoder, plain = results.get(("encoder", f"fast-{dtype}")), results.get(("plain_vit_b", dtype))
-        if encoder and plain:
-            print(f"encoder / plain ViT-B blocks ({dtype}, same run): {encoder['seconds'] / plain['seconds']:.2f}x")
+        pair = results.get(("encoder_vs_vit_b", dtype))
+        if pair:
+            print(
+                f"encoder / plain ViT-B blocks ({dtype}, alternating in one process): {pair['ratio']:.2f}x; "
+                f"/ ViT-B with its patch embedding: {pair['ratio_embed']:.2f}x"
+            )
     for dtype in ("fp32", "bf16"):
         encoder, matmul = results.get(("encoder", f"fast-{dtype}")), results.get(("matmul", dtype))
         if encoder and matmul:

@@ -23,7 +23,7 @@ from monai.handlers import CheckpointLoader
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from .networks.checkpoint import save_atomic
+from .networks.checkpoint import checkpoint_payload, save_atomic
 from .networks.sam_med3d import upsample_logits
 from .precision import autocast, check_autocast_dtype
 from .prompts import uniform_error_click
@@ -210,7 +210,7 @@ def freeze_untrained_heads(network: nn.Module) -> nn.Module:
 
 
 class SaveLatestCheckpoint:
-    """Trainer handler: after every epoch, ``<output_dir>/model_latest.pt`` (``{"model": state_dict}``) and
+    """Trainer handler: after every epoch, ``<output_dir>/model_latest.pt`` (``checkpoint_payload``) and
     ``<output_dir>/training_state.pt`` (network, optimizer, scheduler, trainer, scaler: what ``--resume``
     loads), each written atomically.
 
@@ -231,7 +231,7 @@ class SaveLatestCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        save_atomic({"model": self.network.state_dict()}, self.output_dir / "model_latest.pt")
+        save_atomic(checkpoint_payload(self.network), self.output_dir / "model_latest.pt")
         state = {name: obj.state_dict() for name, obj in self.state_objects.items() if obj is not None}
         save_atomic(state, self.output_dir / "training_state.pt")
 
@@ -246,7 +246,7 @@ class ResumeTrainingState(CheckpointLoader):
 
 
 class SaveBestModel:
-    """Evaluator handler: ``<output_dir>/model.pt`` (``{"model": state_dict}``) whenever the key metric
+    """Evaluator handler: ``<output_dir>/model.pt`` (``checkpoint_payload``) whenever the key metric
     improves, with the metric in ``model.json`` beside it."""
 
     def __init__(self, output_dir: str, network: nn.Module) -> None:
@@ -262,7 +262,7 @@ class SaveBestModel:
         previous = self.output_dir / "model.json"
         if previous.is_file() and json.loads(previous.read_text())["best_metric"] >= engine.state.best_metric:
             return  # a resumed run's evaluator forgets earlier bests: the file remembers them
-        save_atomic({"model": self.network.state_dict()}, self.output_dir / "model.pt")
+        save_atomic(checkpoint_payload(self.network), self.output_dir / "model.pt")
         summary = {
             "epoch": engine.state.epoch,
             "key_metric": engine.state.key_metric_name,

@@ -45,6 +45,7 @@ def reference_config(settings: dict) -> dict:
         decoder_heads=settings["decoder_heads"],
         decoder_mlp_dim=settings["decoder_mlp_dim"],
         mask_in_chans=settings["mask_in_chans"],
+        rel_pos_bias=settings.get("rel_pos_bias", "upstream"),
     )
 
 

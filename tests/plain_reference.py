@@ -6,6 +6,13 @@ upstream key names, e.g. ``image_encoder.blocks.3.attn.qkv.weight``, to tensors)
 its result with explicit tensor operations: no ``nn.Module``, no fused attention kernels.
 It is deliberately slow and simple; its only purpose is to check another implementation.
 
+The relative-position bias is written out with explicit index arithmetic from the corrected §1 ("Quirk",
+2026-12): an earlier version of this file, like the earlier specification, used the textbook decomposed bias,
+which the released weights were not trained with, so it repeated the specification's mistake. The upstream
+formula is the default (``config["rel_pos_bias"] = "upstream"``); ``"decomposed"`` (the shipped lite model's)
+is the other choice. Parity with numbers the upstream code itself computed is tested separately
+(``tests/test_upstream_parity.py``).
+
 Public functions
 ----------------
 - ``REFERENCE_CONFIG``                       the released ("vit_b_ori") configuration
@@ -66,6 +73,7 @@ REFERENCE_CONFIG = {
     "iou_head_hidden_dim": 256,
     "iou_head_depth": 3,
     "mask_in_chans": 16,
+    "rel_pos_bias": "upstream",
 }
 
 GAUSSIAN_KEY = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
@@ -270,20 +278,47 @@ def _mlp_relu(sd, prefix, x, num_layers):
 # --------------------------------------------------------------------------------------------
 
 
-def _relative_index_matrices(K, device):
-    """Index matrices for a K^3 grid flattened in (d, h, w) row-major order.
-
-    Returns three LongTensors (N, N), N = K^3: entry [i, j] = a_i - a_j + (K - 1) for the axis
-    coordinate a in (d, h, w) of query token i and key token j.
-    """
+def _token_coordinates(K, device):
+    """(d, h, w) coordinates, each a LongTensor (N,), of the tokens of a K^3 grid in row-major order."""
     ar = torch.arange(K, device=device)
     dd, hh, ww = torch.meshgrid(ar, ar, ar, indexing="ij")
-    coords = [dd.reshape(-1), hh.reshape(-1), ww.reshape(-1)]
-    return [a[:, None] - a[None, :] + (K - 1) for a in coords]
+    return dd.reshape(-1), hh.reshape(-1), ww.reshape(-1)
 
 
-def _encoder_attention(sd, prefix, x, num_heads):
-    """Multi-head self-attention with decomposed relative position bias.
+def _bias_indices(K, device, rel_pos_bias):
+    """For every (query i, key j) pair of a K^3 grid, three (token, table row) index pairs: the bias is
+    ``sum over the three axes of q[token] . T_axis[row]``. Returns a list of three (token (N, N), row (N, N)).
+
+    With ``o(a, b) = a - b + K - 1`` and ``t(d, h, w) = (d * K + h) * K + w`` the token's flat index:
+    - "decomposed" (textbook): q[t(i)] . T_d[o(i_d, j_d)] + q[t(i)] . T_h[o(i_h, j_h)] + q[t(i)] . T_w[o(i_w, j_w)]
+    - "upstream" (sam-med3d.md §1, "Quirk", corrected): q[t(i_d, i_h, i_w)] . T_d[o(i_d, j_w)]
+      + q[t(i_d, i_h, j_d)] . T_h[o(i_h, j_w)] + q[t(i_d, i_h, j_h)] . T_w[o(j_h, j_w)]
+    """
+    d, h, w = _token_coordinates(K, device)
+    i_d, i_h, i_w = d[:, None], h[:, None], w[:, None]  # query coordinates, along rows
+    j_d, j_h, j_w = d[None, :], h[None, :], w[None, :]  # key coordinates, along columns
+
+    def o(a, b):
+        return a - b + (K - 1)
+
+    def t(dd, hh, ww):
+        return (dd * K + hh) * K + ww
+
+    N = K**3
+    if rel_pos_bias == "decomposed":
+        query = t(i_d, i_h, i_w).expand(N, N)
+        return [(query, o(i_d, j_d)), (query, o(i_h, j_h)), (query, o(i_w, j_w))]
+    if rel_pos_bias == "upstream":
+        return [
+            (t(i_d, i_h, i_w).expand(N, N), o(i_d, j_w).expand(N, N)),
+            (t(i_d, i_h, j_d).expand(N, N), o(i_h, j_w).expand(N, N)),
+            (t(i_d, i_h, j_h).expand(N, N), o(j_h, j_w).expand(N, N)),
+        ]
+    raise ValueError(f"unknown rel_pos_bias {rel_pos_bias!r}")
+
+
+def _encoder_attention(sd, prefix, x, num_heads, rel_pos_bias="upstream"):
+    """Multi-head self-attention with a 3D relative position bias (see ``_bias_indices``).
 
     x: (B, K, K, K, C), a cubic grid of tokens (a window or the full grid).
     The rel-pos tables ``prefix + 'rel_pos_{d,h,w}'`` must have 2K - 1 rows.
@@ -303,17 +338,16 @@ def _encoder_attention(sd, prefix, x, num_heads):
     tables = [sd[prefix + "rel_pos_d"], sd[prefix + "rel_pos_h"], sd[prefix + "rel_pos_w"]]
     for t in tables:
         assert t.shape[0] == 2 * K - 1, (t.shape, K)
-    index = _relative_index_matrices(K, x.device)  # 3 x (N, N)
+    indices = _bias_indices(K, x.device, rel_pos_bias)
 
     head_outputs = []
     for h in range(num_heads):  # one head at a time (memory)
         qh, kh, vh = q[:, h], k[:, h], v[:, h]  # (B, N, hd)
         logits = (qh * scale) @ kh.transpose(-1, -2)  # (B, N, N)
-        for table, idx in zip(tables, index):
-            # (q_i . R[r]) for every row r of the table, then pick r = a_i - a_j + K - 1.
-            q_dot_table = qh @ table.t()  # (B, N, 2K-1), unscaled q
-            bias = torch.gather(q_dot_table, 2, idx.unsqueeze(0).expand(B, N, N))
-            logits = logits + bias
+        for table, (token, row) in zip(tables, indices):
+            # q[token] . T[row] for every (token, row) pair, unscaled q
+            q_dot_table = qh @ table.t()  # (B, N, 2K-1)
+            logits = logits + q_dot_table[:, token, row]
         attn = _softmax_last(logits)
         head_outputs.append(attn @ vh)  # (B, N, hd)
     out = torch.stack(head_outputs, dim=2)  # (B, N, heads, hd)
@@ -322,7 +356,7 @@ def _encoder_attention(sd, prefix, x, num_heads):
     return out.reshape(B, K, K, K, C)
 
 
-def _windowed_attention(sd, prefix, x, num_heads, window_size):
+def _windowed_attention(sd, prefix, x, num_heads, window_size, rel_pos_bias="upstream"):
     """Quirky windowed attention: zero-pad at the end of each axis, attend per window, crop.
 
     x: (B, g, g, g, C) (already normalised by norm1). The grid is padded with zeros to
@@ -338,7 +372,7 @@ def _windowed_attention(sd, prefix, x, num_heads, window_size):
     n0, n1, n2 = P[0] // ws, P[1] // ws, P[2] // ws
     windows = padded.reshape(B, n0, ws, n1, ws, n2, ws, C)
     windows = windows.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(B * n0 * n1 * n2, ws, ws, ws, C)
-    windows = _encoder_attention(sd, prefix, windows, num_heads)
+    windows = _encoder_attention(sd, prefix, windows, num_heads, rel_pos_bias)
     windows = windows.reshape(B, n0, n1, n2, ws, ws, ws, C).permute(0, 1, 4, 2, 5, 3, 6, 7)
     padded = windows.reshape(B, P[0], P[1], P[2], C)
     return padded[:, :g0, :g1, :g2, :]
@@ -365,9 +399,9 @@ def reference_encode(sd, image, config):
         shortcut = x
         y = _layer_norm(sd, b + "norm1.", x, 1e-6)
         if i in glob:
-            y = _encoder_attention(sd, b + "attn.", y, heads)
+            y = _encoder_attention(sd, b + "attn.", y, heads, c["rel_pos_bias"])
         else:
-            y = _windowed_attention(sd, b + "attn.", y, heads, c["window_size"])
+            y = _windowed_attention(sd, b + "attn.", y, heads, c["window_size"], c["rel_pos_bias"])
         x = shortcut + y
         y = _layer_norm(sd, b + "norm2.", x, 1e-6)
         y = _linear(sd, b + "mlp.lin1.", y)

@@ -18,6 +18,7 @@ from custom.data import image_case_list
 from custom.networks import (
     build_autoseg,
     build_sam_med3d,
+    checkpoint_payload,
     load_encoder_weights,
     save_atomic,
     with_autoseg_checkpoint,
@@ -30,8 +31,16 @@ SAMPLE = REPO_ROOT / "bundle" / "sample"
 LITE = dict(
     image_size=32, encoder_embed_dim=32, encoder_depth=3, encoder_num_heads=2, prompt_embed_dim=48, decoder_mlp_dim=64
 )
-# patch 16 with windowed blocks like the released model: 4 stages, 3 skips
-TINY16 = dict(image_size=32, encoder_embed_dim=48, encoder_depth=4, encoder_num_heads=3, prompt_embed_dim=48)
+# patch 16 with windowed blocks like the released model: 4 stages, 3 skips; the textbook bias, since the
+# test feeds it a non-cubic patch (the upstream bias exists for cubic grids only)
+TINY16 = dict(
+    image_size=32,
+    encoder_embed_dim=48,
+    encoder_depth=4,
+    encoder_num_heads=3,
+    prompt_embed_dim=48,
+    rel_pos_bias="decomposed",
+)
 NET_OVERRIDES = {f"network_def#{k}": v for k, v in LITE.items()} | {"network_name": "sam_med3d_lite", "feature_size": 4}
 
 
@@ -39,25 +48,26 @@ def small_net(out_channels: int = 3, **overrides) -> torch.nn.Module:
     return build_autoseg("sam_med3d_lite", out_channels=out_channels, feature_size=4, **dict(LITE, **overrides))
 
 
-def sam_checkpoint(path, wrap=lambda state: {"model": state}, **overrides):
+def sam_checkpoint(path, wrap=lambda state: {"model": state, "rel_pos_bias": "decomposed"}, **overrides):
     sam = randomize_(build_sam_med3d("sam_med3d_lite", **dict(LITE, **overrides)), seed=3)
     save_atomic(wrap({k: v.half() for k, v in sam.state_dict().items()}), path)
     return sam.state_dict()
 
 
 @pytest.mark.parametrize(
-    "wrap",
+    "wrap, bias",
     [
-        pytest.param(lambda s: {"model": s}, id="bundle"),
-        pytest.param(  # upstream training file: wrapped, DDP prefix, other entries
+        pytest.param(lambda s: {"model": s, "rel_pos_bias": "decomposed"}, "decomposed", id="bundle"),
+        pytest.param(  # upstream training file: wrapped, DDP prefix, other entries; upstream bias
             lambda s: {"model_state_dict": {f"module.{k}": v for k, v in s.items()}, "epoch": torch.tensor(3)},
+            "upstream",
             id="upstream",
         ),
     ],
 )
-def test_encoder_keys_land_in_the_backbone_and_the_rest_are_reported(tmp_path, wrap):
-    state = sam_checkpoint(tmp_path / "sam.pt", wrap)
-    net = small_net(3)
+def test_encoder_keys_land_in_the_backbone_and_the_rest_are_reported(tmp_path, wrap, bias):
+    state = sam_checkpoint(tmp_path / "sam.pt", wrap, rel_pos_bias=bias)
+    net = small_net(3, rel_pos_bias=bias)
     decoder_before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("image_encoder.")}
     report = load_encoder_weights(net, tmp_path / "sam.pt")
     encoder_keys = {k for k in state if k.startswith("image_encoder.")}
@@ -90,7 +100,7 @@ def test_encoder_loading_errors_name_the_problem(tmp_path):
 
 def test_autoseg_checkpoint_with_other_class_count_is_refused(tmp_path):
     trained = small_net(8)
-    save_atomic({"model": trained.state_dict()}, tmp_path / "autoseg.pt")
+    save_atomic(checkpoint_payload(trained), tmp_path / "autoseg.pt")
     with pytest.raises(ValueError, match=r"predicts 8 classes .* out_channels=3"):
         with_autoseg_checkpoint(small_net(3), tmp_path / "autoseg.pt")
     with pytest.raises(FileNotFoundError, match="train_autoseg.json"):
@@ -192,7 +202,8 @@ def test_training_through_the_bundle_initialises_the_encoder_and_writes_checkpoi
 def test_whole_volume_inference_and_evaluation_on_the_original_grid(tmp_path):
     torch.manual_seed(1)
     trained = small_net(8)
-    save_atomic({"model": {k: v.half() for k, v in trained.state_dict().items()}}, tmp_path / "autoseg.pt")
+    half = {k: v.half() for k, v in trained.state_dict().items()}
+    save_atomic({"model": half, "rel_pos_bias": "decomposed"}, tmp_path / "autoseg.pt")
     common = dict(ckpt_path=str(tmp_path / "autoseg.pt"), spacing_mm=[5.0, 5.0, 5.0], sw_batch_size=8, **NET_OVERRIDES)
     infer = ConfigWorkflow(
         config_file=str(CONFIGS / "inference_autoseg.json"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, randomize_
 
-from custom.networks import build_sam_med3d, load_checkpoint, read_checkpoint
+from custom.networks import build_sam_med3d, checkpoint_payload, load_checkpoint, read_checkpoint
 
 
 @pytest.fixture()
@@ -145,7 +145,7 @@ def test_convert_script_writes_weights_only_file(tiny, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     loaded = torch.load(dst, weights_only=True)
-    assert set(loaded) == {"model"}
+    assert set(loaded) == {"model", "rel_pos_bias"} and loaded["rel_pos_bias"] == "upstream"
     assert [p.name for p in dst.parent.iterdir()] == ["model.pt"]  # no temporary file left behind
     fresh = build_sam_med3d("sam_med3d_tiny")
     load_checkpoint(fresh, dst)
@@ -177,3 +177,43 @@ def test_convert_to_half_precision_loads_into_float32(tiny, tmp_path):
     torch.testing.assert_close(
         weight, tiny.state_dict()["image_encoder.blocks.0.attn.qkv.weight"], rtol=1e-3, atol=1e-4
     )
+
+
+def test_files_record_their_bias_and_a_mismatch_is_refused(tmp_path):
+    lite = randomize_(build_sam_med3d("sam_med3d_lite", encoder_depth=1), seed=5)
+    written = tmp_path / "lite.pt"
+    torch.save(checkpoint_payload(lite), written)
+    assert torch.load(written, weights_only=True)["rel_pos_bias"] == "decomposed"
+    assert load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1), written).ok
+    # the same weights in a network with the other bias: the keys fit, the attention would not
+    other = build_sam_med3d("sam_med3d_lite", encoder_depth=1, rel_pos_bias="upstream")
+    with pytest.raises(ValueError, match=r"records rel_pos_bias='decomposed'.*uses rel_pos_bias='upstream'"):
+        load_checkpoint(other, written)
+    # a file that records nothing is an upstream file: refused by a decomposed network, with the way out
+    bare = tmp_path / "bare.pt"
+    torch.save({"model": lite.state_dict()}, bare)
+    with pytest.raises(ValueError, match=r"records no rel_pos_bias.*--rel_pos_bias decomposed"):
+        load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1), bare)
+    assert load_checkpoint(other, bare).ok
+
+
+def test_convert_declares_an_old_lite_file(tmp_path):
+    lite = randomize_(build_sam_med3d("sam_med3d_lite"), seed=6)
+    old = tmp_path / "old.pt"
+    torch.save({"model": lite.state_dict()}, old)  # as the bundle wrote them before the record existed
+    script = [sys.executable, str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"), "--src", str(old)]
+    refused = subprocess.run(
+        script + ["--dst", str(tmp_path / "x.pt"), "--network_name", "sam_med3d_lite"], capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "records no rel_pos_bias" in refused.stderr
+    assert not (tmp_path / "x.pt").exists()
+    declared = tmp_path / "new.pt"
+    result = subprocess.run(
+        script + ["--dst", str(declared), "--network_name", "sam_med3d_lite", "--rel_pos_bias", "decomposed"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    fresh = build_sam_med3d("sam_med3d_lite")
+    assert load_checkpoint(fresh, declared).ok
+    _assert_same_weights(fresh, lite)

@@ -31,14 +31,28 @@ def test_fast_window_attention_is_exact_on_the_released_configuration(full_model
     assert _relative_error(fast, padded) < 1e-5
 
 
+@pytest.mark.parametrize("rel_pos_bias", ["upstream", "decomposed"])
 @pytest.mark.parametrize("shape", [(2, 1, 48, 64, 32), (1, 1, 96, 96, 96)])
-def test_fast_window_attention_is_exact_on_other_grids(shape):
-    # (3, 4, 2) fits in the window of 6 with padding; (6, 6, 6) fills it exactly (no padded keys)
-    model = randomize_(build_sam_med3d("sam_med3d", **SMALL_SETTINGS), seed=4).eval()
+def test_fast_window_attention_is_exact_on_other_grids(shape, rel_pos_bias):
+    # (3, 4, 2) fits in the window of 6 with padding; (6, 6, 6) fills it exactly (no padded keys). The upstream
+    # bias reads queries across the row (at width indices up to the window's side), which for (3, 4, 2) lie in
+    # the padding; its global blocks need a cubic grid, so they are left out for the non-cubic input.
+    settings = dict(SMALL_SETTINGS, rel_pos_bias=rel_pos_bias)
+    if rel_pos_bias == "upstream" and len(set(shape[2:])) > 1:
+        settings["encoder_global_attn_indexes"] = ()
+    model = randomize_(build_sam_med3d("sam_med3d", **settings), seed=4).eval()
     image = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     fast, padded = _encode_both_ways(model, image)
     assert fast.shape == (shape[0], 48, shape[2] // 16, shape[3] // 16, shape[4] // 16)
     assert _relative_error(fast, padded) < 1e-5
+
+
+def test_upstream_bias_refuses_a_non_cubic_grid_naming_the_block_and_grid():
+    model = build_sam_med3d("sam_med3d", **SMALL_SETTINGS)  # block 1 is global
+    with pytest.raises(ValueError, match=r"image_encoder\.blocks\.1: .*cubic.*\(3, 4, 2\)"):
+        model.encode(torch.zeros(1, 1, 48, 64, 32))
+    decomposed = build_sam_med3d("sam_med3d", **SMALL_SETTINGS, rel_pos_bias="decomposed")
+    assert decomposed.encode(torch.zeros(1, 1, 48, 64, 32)).shape == (1, 48, 3, 4, 2)
 
 
 def test_encoder_rejects_bad_shapes():

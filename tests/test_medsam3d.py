@@ -17,6 +17,7 @@ from custom.networks import (
     MedSAM3D,
     available_networks,
     build_sam_med3d,
+    checkpoint_payload,
     load_checkpoint,
     save_atomic,
     with_pretrained,
@@ -226,7 +227,7 @@ def test_registry_and_trained_checkpoint_round_trip(tmp_path):
     for name, param in model.named_parameters():  # give the new 3D entries values too
         if ".adapter." in name or "fuse_" in name:
             torch.nn.init.normal_(param.data, std=0.05)
-    path = save_atomic({"model": model.state_dict()}, tmp_path / "trained.pt")
+    path = save_atomic(checkpoint_payload(model), tmp_path / "trained.pt")
     again = build_sam_med3d("medsam3d_adapter", **SMALL)
     assert load_checkpoint(again, path).ok  # the strict load inference.json and evaluate.json do
     image, point = torch.randn(1, 1, 32, 32, 32), torch.tensor([[[10.0, 12.0, 20.0]]])
@@ -333,7 +334,7 @@ def test_train_and_evaluate_workflows_by_overrides(tmp_path):
     assert torch.equal(network.state_dict()["image_encoder.blocks.1.attn.qkv.weight"], expected)  # stayed frozen
     assert torch.equal(qkv, expected)
     trained = tmp_path / "train" / "model_latest.pt"
-    assert set(torch.load(trained, weights_only=True)) == {"model"}
+    assert torch.load(trained, weights_only=True)["rel_pos_bias"] == "decomposed"
     evaluation = ConfigWorkflow(
         config_file=str(CONFIGS / "evaluate.json"),
         workflow_type="infer",

@@ -6,7 +6,9 @@ import pytest
 import torch
 from plain_reference import REFERENCE_CONFIG, expected_parameter_count, expected_state_dict_shapes
 
-from custom.networks import SAM_MED3D_VARIANTS, available_networks, build_sam_med3d
+from custom.networks import SAM_MED3D_VARIANTS, VARIANTS, available_networks, build_medsam3d, build_sam_med3d
+from custom.networks.image_encoder import REL_POS_BIASES
+from custom.networks.registry import build_sam
 
 
 def _parameter_count(model: torch.nn.Module) -> int:
@@ -58,3 +60,25 @@ def test_registry_errors_name_the_value():
     with pytest.raises(ValueError, match=r"\(1, 7\)"):
         build_sam_med3d("sam_med3d_tiny", encoder_global_attn_indexes=(1, 7))
     assert isinstance(SAM_MED3D_VARIANTS["sam_med3d"]["encoder_global_attn_indexes"], tuple)
+
+
+def test_every_variant_names_its_builder_and_bias():
+    assert VARIANTS["medsam3d_adapter"].builder is build_medsam3d
+    assert {name for name, v in VARIANTS.items() if v.builder is build_sam} == {
+        "sam_med3d",
+        "sam_med3d_small",
+        "sam_med3d_lite",
+        "sam_med3d_tiny",
+    }
+    assert VARIANTS["sam_med3d"].rel_pos_bias == "upstream"  # the released weights
+    assert VARIANTS["sam_med3d_lite"].rel_pos_bias == "decomposed"  # what the shipped model was trained with
+    for name, entry in VARIANTS.items():
+        assert entry.rel_pos_bias in REL_POS_BIASES, name
+    for name in ("sam_med3d_lite", "sam_med3d_tiny"):
+        network = build_sam_med3d(name)
+        assert network.image_encoder.rel_pos_bias == VARIANTS[name].rel_pos_bias
+        assert {b.attn.rel_pos_bias for b in network.image_encoder.blocks} == {VARIANTS[name].rel_pos_bias}
+    # the textbook bias is an explicit setting, also for the released structure
+    assert build_sam_med3d("sam_med3d_tiny", rel_pos_bias="decomposed").image_encoder.rel_pos_bias == "decomposed"
+    with pytest.raises(ValueError, match="rel_pos_bias must be one of"):
+        build_sam_med3d("sam_med3d_tiny", rel_pos_bias="textbook")

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from conftest import REPO_ROOT
 
-from custom.networks import build_sam_med3d, load_checkpoint
+from custom.networks import build_sam_med3d, load_checkpoint, variant
+from custom.transforms import normalize_crop
 
 BUNDLE = REPO_ROOT / "bundle"
 
@@ -21,13 +22,35 @@ def test_shipped_model_loads_strictly_into_the_named_variant():
     metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     path = BUNDLE / "models" / "model.pt"
     assert path.stat().st_size <= 25 * 1024 * 1024
-    assert set(torch.load(path, weights_only=True)) == {"model"}
+    stored = torch.load(path, weights_only=True)
+    assert set(stored) == {"model", "rel_pos_bias"}
+    # the file, the registry and metadata.json agree on the bias the weights were trained with
+    assert stored["rel_pos_bias"] == variant(metadata["network_name"]).rel_pos_bias == metadata["rel_pos_bias"]
     network = build_sam_med3d(metadata["network_name"])
     assert load_checkpoint(network, path).ok
     inference = json.loads((BUNDLE / "configs" / "inference.json").read_text())
     assert inference["network_name"] == metadata["network_name"]
     shape = metadata["network_data_format"]["inputs"]["image"]["spatial_shape"]
     assert shape == [network.img_size] * 3
+
+
+def test_shipped_model_outputs_are_unchanged():
+    # tests/data/shipped_model_outputs.pt was computed with the code the shipped weights were trained with
+    # (before the upstream bias was added), on a crop of the shipped sample CT.
+    expected = torch.load(REPO_ROOT / "tests/data/shipped_model_outputs.pt", weights_only=True)
+    network = build_sam_med3d("sam_med3d_lite").eval()
+    load_checkpoint(network, BUNDLE / "models" / "model.pt")
+    ct = np.asarray(nib.load(BUNDLE / "sample/images/openkbp_pt_243.nii.gz").dataobj, dtype=np.float32)
+    d, h, w = expected["crop_start"]
+    crop = normalize_crop(torch.as_tensor(ct[d : d + 64, h : h + 64, w : w + 64]).clamp(-1000, 1000)[None])[None]
+    click, negative = [32.0, 32.0, 13.0], [20.0, 40.0, 30.0]
+    with torch.no_grad():
+        embedding = network.encode(crop)
+        first, _ = network.decode(embedding, torch.tensor([[click]]), torch.tensor([[1]]), None)
+        more, _ = network.decode(embedding, torch.tensor([[click, negative]]), torch.tensor([[1, 0]]), first)
+    for ours, key in ((embedding, "embedding"), (first, "first_low_res_logits"), (more, "more_low_res_logits")):
+        reference = expected[key]
+        assert ((ours - reference).abs().max() / reference.abs().max()).item() < 1e-5, key
 
 
 def test_default_inference_on_the_shipped_sample(tmp_path):

@@ -45,8 +45,9 @@ def test_one_epoch_through_the_bundle_writes_checkpoints(tmp_path):
     trainer, _ = train(tmp_path, epochs=1, val_interval=1)
     assert trainer.state.iteration == 2  # 4 cases, batch 2
     model = build_sam_med3d("sam_med3d_tiny", image_size=64)
-    assert load_checkpoint(model, tmp_path / "model.pt").ok  # {"model": ...}, weights_only
-    assert set(torch.load(tmp_path / "model.pt", weights_only=True)) == {"model"}
+    assert load_checkpoint(model, tmp_path / "model.pt").ok  # {"model": ..., "rel_pos_bias": ...}, weights_only
+    for name in ("model.pt", "model_latest.pt"):
+        assert torch.load(tmp_path / name, weights_only=True)["rel_pos_bias"] == "upstream"  # sam_med3d_tiny's
     state = torch.load(tmp_path / "training_state.pt", weights_only=True)
     assert {"network", "optimizer", "lr_scheduler", "trainer", "scaler"} <= set(state)
     summary = json.loads((tmp_path / "model.json").read_text())

@@ -1,4 +1,5 @@
-"""Convert any checkpoint that ``custom.networks.load_checkpoint`` accepts into ``{"model": state_dict}``.
+"""Convert any checkpoint that ``custom.networks.load_checkpoint`` accepts into this bundle's format,
+``{"model": state_dict, "rel_pos_bias": ...}``.
 
 The result loads with ``torch.load(weights_only=True)``, so it is safe to share. Example::
 
@@ -11,34 +12,55 @@ from __future__ import annotations
 import fire
 import torch
 
-from custom.networks import build_sam_med3d, load_checkpoint, read_checkpoint, save_atomic
+from custom.networks import build_sam_med3d, save_atomic
+from custom.networks.checkpoint import CheckpointFile, check_rel_pos_bias, compare_state_dicts, open_checkpoint
+from custom.networks.image_encoder import REL_POS_BIASES
 
 
 def convert(
-    src: str, dst: str, network_name: str | None = None, allow_pickle: bool = False, dtype: str | None = None
+    src: str,
+    dst: str,
+    network_name: str | None = None,
+    allow_pickle: bool = False,
+    dtype: str | None = None,
+    rel_pos_bias: str | None = None,
 ) -> str:
     """Write ``dst`` from ``src``.
 
     Args:
         src: the file to convert (upstream training file, bare state dict or ``{"model": ...}``).
         dst: the file to write (atomically).
-        network_name: when given, check strictly that the weights fit this registered variant.
+        network_name: when given, check strictly that the weights fit this registered variant, its
+            relative-position bias included.
         allow_pickle: read ``src`` with ``weights_only=False`` (older upstream files; trusted sources only).
         dtype: store floating-point tensors as ``"float16"`` or ``"bfloat16"`` (half the size; loading into a
             float32 network casts them back).
+        rel_pos_bias: the relative-position bias the weights were trained with, recorded in ``dst``. Default:
+            what ``src`` records, else ``"upstream"`` (a file that records none comes from the upstream code).
+            Give ``"decomposed"`` for a ``sam_med3d_lite`` file written before the record existed.
 
     Returns:
         ``dst``.
     """
-    state = read_checkpoint(src, allow_pickle=allow_pickle)
+    checkpoint = open_checkpoint(src, allow_pickle=allow_pickle)
+    bias = rel_pos_bias or checkpoint.effective_rel_pos_bias
+    if bias not in REL_POS_BIASES:
+        raise ValueError(f"rel_pos_bias must be one of {REL_POS_BIASES}, got {bias!r}")
+    if checkpoint.rel_pos_bias is not None and checkpoint.rel_pos_bias != bias:
+        raise ValueError(f"{src!r} records rel_pos_bias={checkpoint.rel_pos_bias!r}; it cannot be relabelled {bias!r}")
+    state = checkpoint.state
+    if network_name is not None:
+        network = build_sam_med3d(network_name)
+        check_rel_pos_bias(network, CheckpointFile(state, rel_pos_bias or checkpoint.rel_pos_bias, src))
+        report = compare_state_dicts(network.state_dict(), state)
+        if not report.ok:
+            raise ValueError(f"checkpoint {src!r} does not match {network_name!r}: {report.describe()}")
     if dtype is not None:
         target = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
         state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
-    if network_name is not None:
-        load_checkpoint(build_sam_med3d(network_name), src, strict=True, allow_pickle=allow_pickle)
-    save_atomic({"model": {k: v.contiguous() for k, v in state.items()}}, dst)
+    save_atomic({"model": {k: v.contiguous() for k, v in state.items()}, "rel_pos_bias": bias}, dst)
     torch.load(dst, map_location="cpu", weights_only=True)
-    print(f"wrote {dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values")
+    print(f"wrote {dst}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values, rel_pos_bias={bias}")
     return dst
 
 

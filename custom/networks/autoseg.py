@@ -21,7 +21,7 @@ import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
-from .checkpoint import LoadReport, compare_state_dicts, read_checkpoint
+from .checkpoint import LoadReport, check_rel_pos_bias, compare_state_dicts, open_checkpoint
 from .image_encoder import ImageEncoderViT3D
 from .registry import build_sam_med3d
 
@@ -178,9 +178,11 @@ def load_encoder_weights(network: SamEncoderUNETR, path: str | os.PathLike, allo
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file has no ``image_encoder.*`` key, or lacks an encoder key, or holds one of
-            another shape (all named: a checkpoint of another variant).
+            another shape (all named: a checkpoint of another variant), or was trained with another
+            relative-position bias.
     """
-    file_state = read_checkpoint(path, allow_pickle=allow_pickle)
+    checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
+    file_state = checkpoint.state
     if not any(k.startswith(ENCODER_PREFIX) for k in file_state):
         raise ValueError(
             f"checkpoint {str(path)!r} holds no '{ENCODER_PREFIX}*' key, so no SAM-Med3D encoder; "
@@ -194,6 +196,7 @@ def load_encoder_weights(network: SamEncoderUNETR, path: str | os.PathLike, allo
             f"checkpoint {str(path)!r} does not fit the {type(network.image_encoder).__name__} of this network: "
             f"{partial.describe()}. Is --network_name the variant this file was trained with?"
         )
+    check_rel_pos_bias(network, checkpoint)
     network.image_encoder.load_state_dict({k[len(ENCODER_PREFIX) :]: file_state[k] for k in report.loaded})
     return report
 
@@ -226,7 +229,8 @@ def with_autoseg_checkpoint(
             f"autoseg checkpoint {str(path)!r} does not exist: train one with bundle/configs/train_autoseg.json "
             "(it writes model.pt to --output_dir) and pass it as --ckpt_path"
         )
-    file_state = read_checkpoint(path, allow_pickle=allow_pickle)
+    checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
+    file_state = checkpoint.state
     head = "head.conv.conv.weight"
     if head in file_state and file_state[head].shape[0] != network.out_channels:
         raise ValueError(
@@ -239,6 +243,7 @@ def with_autoseg_checkpoint(
             f"checkpoint {str(path)!r} is not an autoseg checkpoint of this network: {report.describe()}. "
             "Are --network_name and --feature_size those it was trained with?"
         )
+    check_rel_pos_bias(network, checkpoint)
     network.load_state_dict(file_state)
     logger.info(f"loaded {path}: {report.describe()}")
     return network

@@ -9,6 +9,11 @@ Accepted files:
 A ``module.`` prefix (DataParallel / DDP) is stripped. Files are read with ``torch.load(weights_only=True)``;
 the older upstream releases hold pickled Python objects and need ``allow_pickle=True``, which executes
 code from the file: only for files from a trusted source.
+
+Files this bundle writes (:func:`checkpoint_payload`) also record the encoder's relative-position bias
+(``"rel_pos_bias"``: ``"upstream"`` or ``"decomposed"``). A file without that record comes from the upstream
+code and therefore holds ``"upstream"`` weights. Loading a file into a network with the other bias is refused:
+the weights would load, and silently compute another attention than the one they were trained with.
 """
 
 from __future__ import annotations
@@ -25,12 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .image_encoder import REL_POS_BIASES
+
 OFFICIAL_WEIGHTS_HINT = (
     "The official weights are sam_med3d_turbo.pth in the Hugging Face repository blueyo0/SAM-Med3D "
     "(402 MB); `python bundle/scripts/convert_checkpoint.py --src FILE --dst model.pt` turns any accepted "
     "file into {'model': state_dict}."
 )
 _WRAPPER_KEYS = ("model_state_dict", "model")
+REL_POS_BIAS_KEY = "rel_pos_bias"
+#: what a file that does not record its bias holds: the upstream code's
+UNDECLARED_REL_POS_BIAS = "upstream"
 
 
 @dataclass
@@ -60,8 +70,22 @@ class LoadReport:
         return "; ".join(lines)
 
 
-def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read any accepted checkpoint file and return its state dict (prefix ``module.`` stripped).
+@dataclass
+class CheckpointFile:
+    """A checkpoint file's state dict and the relative-position bias it records (None: it records none)."""
+
+    state: dict[str, torch.Tensor]
+    rel_pos_bias: str | None
+    source: str
+
+    @property
+    def effective_rel_pos_bias(self) -> str:
+        """The bias the weights were trained with: as recorded, else the upstream code's."""
+        return self.rel_pos_bias or UNDECLARED_REL_POS_BIAS
+
+
+def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> CheckpointFile:
+    """Read any accepted checkpoint file (see the module docstring).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -81,7 +105,52 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"checkpoint {str(path)!r} could not be read as a PyTorch file: {err}") from err
-    return extract_state_dict(obj, source=str(path))
+    declared = obj.get(REL_POS_BIAS_KEY) if isinstance(obj, Mapping) else None
+    if declared is not None and declared not in REL_POS_BIASES:
+        raise ValueError(f"checkpoint {str(path)!r} records an unknown {REL_POS_BIAS_KEY} {declared!r}")
+    return CheckpointFile(extract_state_dict(obj, source=str(path)), declared, str(path))
+
+
+def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of any accepted checkpoint file (prefix ``module.`` stripped); see :func:`open_checkpoint`."""
+    return open_checkpoint(path, allow_pickle).state
+
+
+def network_rel_pos_bias(network: nn.Module) -> str | None:
+    """The relative-position bias of ``network``'s image encoder (None: it has no such encoder)."""
+    return getattr(getattr(network, "image_encoder", None), "rel_pos_bias", None)
+
+
+def check_rel_pos_bias(network: nn.Module, checkpoint: CheckpointFile) -> None:
+    """Refuse a file whose weights were trained with another relative-position bias than ``network``'s.
+
+    Raises:
+        ValueError: naming the file, both biases, and how to proceed.
+    """
+    expected = network_rel_pos_bias(network)
+    if expected is None or checkpoint.effective_rel_pos_bias == expected:
+        return
+    recorded = (
+        f"records rel_pos_bias={checkpoint.rel_pos_bias!r}"
+        if checkpoint.rel_pos_bias
+        else f"records no rel_pos_bias, so it is taken as an upstream file ({UNDECLARED_REL_POS_BIAS!r})"
+    )
+    raise ValueError(
+        f"checkpoint {checkpoint.source!r} {recorded}, but the network uses rel_pos_bias={expected!r}: the "
+        "weights would compute another attention than the one they were trained with. Build the network with "
+        f"rel_pos_bias={checkpoint.effective_rel_pos_bias!r} (or the variant that file was trained as). A "
+        "sam_med3d_lite file written by this bundle before the record existed is declared once with `python "
+        "bundle/scripts/convert_checkpoint.py --src FILE --dst NEW_FILE --rel_pos_bias decomposed`."
+    )
+
+
+def checkpoint_payload(network: nn.Module) -> dict[str, Any]:
+    """What this bundle writes for a network: ``{"model": state_dict, "rel_pos_bias": ...}``."""
+    payload: dict[str, Any] = {"model": network.state_dict()}
+    bias = network_rel_pos_bias(network)
+    if bias is not None:
+        payload[REL_POS_BIAS_KEY] = bias
+    return payload
 
 
 def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -130,15 +199,18 @@ def load_checkpoint(
         the :class:`LoadReport`.
 
     Raises:
-        ValueError: with ``strict``, when keys are missing, unexpected or of another shape (all named).
+        ValueError: with ``strict``, when keys are missing, unexpected or of another shape (all named); and
+            always when the file's relative-position bias is not the model's (:func:`check_rel_pos_bias`).
     """
-    file_state = read_checkpoint(path, allow_pickle=allow_pickle)
+    checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
+    file_state = checkpoint.state
     report = compare_state_dicts(model.state_dict(), file_state)
     if strict and not report.ok:
         raise ValueError(
             f"checkpoint {str(path)!r} does not match {type(model).__name__}: {report.describe()}. "
             "Is --network_name the variant this file was trained with?"
         )
+    check_rel_pos_bias(model, checkpoint)
     model.load_state_dict({k: file_state[k] for k in report.loaded}, strict=False)
     return report
 

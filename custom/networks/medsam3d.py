@@ -14,8 +14,8 @@ How each 2D SAM tensor reaches 3D (``p`` the 3D patch size, ``g`` the token grid
   and divided by ``p``: a volume constant over depth gets the 2D response of its slice;
 - ``pos_embed [1, 64, 64, 768]``: antialiased bilinear resampling to ``g x g``, shared by every depth; a
   learned depth term (zeros at start) is added;
-- rel-pos tables ``rel_pos_h`` / ``rel_pos_w`` (27 rows windowed, 127 global): linearly resampled to
-  ``2g - 1`` rows; ``rel_pos_d`` starts as the resampled ``rel_pos_h``;
+- rel-pos tables ``rel_pos_h`` / ``rel_pos_w`` (27 rows windowed, 127 global): linearly resampled to ``2g - 1``
+  rows; ``rel_pos_d`` starts as the resampled ``rel_pos_h``;
 - 2D convolutions (neck 1x1 and 3x3, mask down-scaling) inflated over depth and divided by the depth
   extent; transposed up-scaling convolutions repeated over depth (each output voxel has one input);
 - Fourier matrix ``[2, 128]`` (rows x, y): rows ``(d, h, w) = (new N(0, std of the 2D matrix), y, x)``;
@@ -37,7 +37,7 @@ from torch import nn
 
 from .checkpoint import LoadReport, read_checkpoint, with_checkpoint
 from .common import LayerNorm3d
-from .image_encoder import Block, PatchEmbed3D
+from .image_encoder import Block, PatchEmbed3D, resampled_table
 from .medsam3d_decoder import MultiScaleMaskDecoder3D, SamPromptEncoder3D
 from .sam_med3d import SamMed3D
 
@@ -77,8 +77,10 @@ class AdapterBlock(Block):
     """A global 3D transformer block with an adapter parallel to its MLP: ``x + attn(n1(x))``, then
     ``x + mlp(n2(x)) + adapter(n2(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, grid_size: int, adapter_dim: int) -> None:
-        super().__init__(dim, num_heads, window_size=0, grid_size=grid_size)
+    def __init__(
+        self, dim: int, num_heads: int, grid_size: int, adapter_dim: int, rel_pos_bias: str, name: str = "block"
+    ) -> None:
+        super().__init__(dim, num_heads, window_size=0, grid_size=grid_size, rel_pos_bias=rel_pos_bias, name=name)
         self.adapter = Adapter3D(dim, adapter_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +101,7 @@ class MedSAM3DImageEncoder(nn.Module):
         adapter_dim: adapter bottleneck width.
         skip_depths: block counts after which features are taken for the 2x and 4x decoder stages.
         skip_chans: their projected widths.
+        rel_pos_bias: ``"decomposed"`` (2D SAM's textbook bias, carried to 3D) or ``"upstream"``.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class MedSAM3DImageEncoder(nn.Module):
         adapter_dim: int = 64,
         skip_depths: Sequence[int] = (8, 4),
         skip_chans: Sequence[int] = (64, 64),
+        rel_pos_bias: str = "decomposed",
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -125,7 +129,11 @@ class MedSAM3DImageEncoder(nn.Module):
         # A random stand-in for the pre-trained 2D table (replaced when a 2D checkpoint is loaded).
         self.pos_embed = nn.Parameter(torch.randn(1, grid, grid, embed_dim) * 0.02)
         self.depth_pos_embed = nn.Parameter(torch.zeros(1, grid, embed_dim))
-        self.blocks = nn.ModuleList(AdapterBlock(embed_dim, num_heads, grid, adapter_dim) for _ in range(depth))
+        self.rel_pos_bias = rel_pos_bias
+        self.blocks = nn.ModuleList(
+            AdapterBlock(embed_dim, num_heads, grid, adapter_dim, rel_pos_bias, f"image_encoder.blocks.{i}")
+            for i in range(depth)
+        )
         self.neck = nn.Sequential(
             nn.Conv3d(embed_dim, out_chans, kernel_size=1, bias=False),
             LayerNorm3d(out_chans),
@@ -190,13 +198,6 @@ def _inflate(weight: torch.Tensor, depth: int, divide: bool) -> torch.Tensor:
     return out / depth if divide else out
 
 
-def _resample_table(table: torch.Tensor, length: int) -> torch.Tensor:
-    """Rel-pos table ``(L, c)`` -> ``(length, c)`` by linear interpolation (as ``get_rel_pos`` does)."""
-    if table.shape[0] == length:
-        return table.clone()
-    return F.interpolate(table.t()[None].float(), size=length, mode="linear").squeeze(0).t()
-
-
 class MedSAM3D(SamMed3D):
     """3DMedSAM: :class:`MedSAM3DImageEncoder`, :class:`SamPromptEncoder3D`, :class:`MultiScaleMaskDecoder3D`.
 
@@ -251,7 +252,7 @@ class MedSAM3D(SamMed3D):
             return {key: hw.permute(0, 2, 3, 1)}
         match = re.fullmatch(r"(image_encoder\.blocks\.\d+\.attn\.)rel_pos_([hw])", key)
         if match:
-            table = _resample_table(value, 2 * grid - 1)
+            table = resampled_table(value.float(), 2 * grid - 1).clone()
             out = {key: table}
             if match.group(2) == "h":
                 out[match.group(1) + "rel_pos_d"] = table.clone()
@@ -333,6 +334,7 @@ def build_medsam3d(
     mask_in_chans: int = 16,
     freeze_backbone: bool = True,
     sam2d_checkpoint: str | os.PathLike | None = None,
+    rel_pos_bias: str = "decomposed",
 ) -> MedSAM3D:
     """Build 3DMedSAM, from a 2D SAM ViT-B checkpoint file when ``sam2d_checkpoint`` is given (random
     otherwise; the backbone is frozen either way unless ``freeze_backbone=False``). Logs the load report and
@@ -347,6 +349,7 @@ def build_medsam3d(
         adapter_dim,
         skip_depths,
         skip_chans,
+        rel_pos_bias,
     )
     decoder = MultiScaleMaskDecoder3D(prompt_embed_dim, decoder_heads, decoder_mlp_dim, skip_chans)
     model = MedSAM3D(encoder, SamPromptEncoder3D(prompt_embed_dim, mask_in_chans), decoder, freeze_backbone)

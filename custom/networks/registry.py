@@ -1,15 +1,24 @@
-"""Named network variants: ``build_sam_med3d(name, **overrides)``.
+"""Named network variants: each name maps to its builder and its settings; ``build_sam_med3d(name, **overrides)``.
 
 ``"sam_med3d"`` is the configuration of every released SAM-Med3D checkpoint (``vit_b_ori`` upstream).
 The smaller variants keep its structure (patch 16, windowed blocks of 14 with periodic global blocks)
 at widths that train on a CPU.
+
+Every SAM-Med3D variant names its relative-position bias (``rel_pos_bias``, see
+:class:`custom.networks.image_encoder.Attention`): ``"upstream"`` is what the released weights were trained
+with; ``"decomposed"`` (the textbook bias) is what ``sam_med3d_lite``, the shipped model, was trained with.
+Checkpoints written by this bundle record it, and :func:`custom.networks.load_checkpoint` refuses a file
+whose bias differs from the network's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
+
+from torch import nn
 
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
@@ -17,94 +26,8 @@ from .medsam3d import build_medsam3d
 from .prompt_encoder import PromptEncoder3D
 from .sam_med3d import SamMed3D
 
-SAM_MED3D_VARIANTS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyType(
-    {
-        "sam_med3d": MappingProxyType(
-            dict(
-                image_size=128,
-                patch_size=16,
-                encoder_embed_dim=768,
-                encoder_depth=12,
-                encoder_num_heads=12,
-                encoder_global_attn_indexes=(2, 5, 8, 11),
-                window_size=14,
-                prompt_embed_dim=384,
-                decoder_heads=8,
-                decoder_mlp_dim=2048,
-                mask_in_chans=16,
-            )
-        ),
-        "sam_med3d_small": MappingProxyType(
-            dict(
-                image_size=128,
-                patch_size=16,
-                encoder_embed_dim=384,
-                encoder_depth=6,
-                encoder_num_heads=6,
-                encoder_global_attn_indexes=(2, 5),
-                window_size=14,
-                prompt_embed_dim=192,
-                decoder_heads=8,
-                decoder_mlp_dim=1024,
-                mask_in_chans=16,
-            )
-        ),
-        # Trained by this bundle on a CPU: 64^3 windows (96 mm at 1.5 mm) of 8^3 patches, all blocks global.
-        "sam_med3d_lite": MappingProxyType(
-            dict(
-                image_size=64,
-                patch_size=8,
-                encoder_embed_dim=256,
-                encoder_depth=6,
-                encoder_num_heads=8,
-                encoder_global_attn_indexes=(),
-                window_size=0,
-                prompt_embed_dim=192,
-                decoder_heads=8,
-                decoder_mlp_dim=1024,
-                mask_in_chans=16,
-            )
-        ),
-        # 3DMedSAM (custom/networks/medsam3d.py): 2D SAM ViT-B, frozen, with 3D adapters; 64^3 crops of 8^3
-        # patches. ``sam2d_checkpoint`` names a segment-anything ViT-B file (None: random backbone).
-        "medsam3d_adapter": MappingProxyType(
-            dict(
-                image_size=64,
-                patch_size=8,
-                encoder_embed_dim=768,
-                encoder_depth=12,
-                encoder_num_heads=12,
-                adapter_dim=64,
-                skip_depths=(8, 4),
-                skip_chans=(64, 64),
-                prompt_embed_dim=256,
-                decoder_heads=8,
-                decoder_mlp_dim=2048,
-                mask_in_chans=16,
-                freeze_backbone=True,
-                sam2d_checkpoint=None,
-            )
-        ),
-        "sam_med3d_tiny": MappingProxyType(
-            dict(
-                image_size=128,
-                patch_size=16,
-                encoder_embed_dim=192,
-                encoder_depth=4,
-                encoder_num_heads=3,
-                encoder_global_attn_indexes=(1, 3),
-                window_size=14,
-                prompt_embed_dim=96,
-                decoder_heads=4,
-                decoder_mlp_dim=512,
-                mask_in_chans=16,
-            )
-        ),
-    }
-)
 
-
-def _build_sam(
+def build_sam(
     image_size: int,
     patch_size: int,
     encoder_embed_dim: int,
@@ -116,8 +39,10 @@ def _build_sam(
     decoder_heads: int,
     decoder_mlp_dim: int,
     mask_in_chans: int,
+    rel_pos_bias: str,
     fast_window_attention: bool = True,
 ) -> SamMed3D:
+    """A SAM-Med3D network (encoder, prompt encoder, decoder) from explicit settings; see the variants."""
     if any(i < 0 or i >= encoder_depth for i in encoder_global_attn_indexes):
         raise ValueError(
             f"encoder_global_attn_indexes={tuple(encoder_global_attn_indexes)} must lie in [0, {encoder_depth})"
@@ -132,6 +57,7 @@ def _build_sam(
         window_size=window_size,
         global_attn_indexes=tuple(encoder_global_attn_indexes),
         fast_window_attention=fast_window_attention,
+        rel_pos_bias=rel_pos_bias,
     )
     prompt_encoder = PromptEncoder3D(embed_dim=prompt_embed_dim, mask_in_chans=mask_in_chans)
     decoder = MaskDecoder3D(
@@ -140,29 +66,147 @@ def _build_sam(
     return SamMed3D(encoder, prompt_encoder, decoder)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A registered network: its builder, the settings it is built with, and the overrides it also accepts."""
+
+    builder: Callable[..., nn.Module]
+    settings: Mapping[str, Any]
+    description: str
+    extra_overrides: frozenset[str] = frozenset()
+
+    @property
+    def rel_pos_bias(self) -> str:
+        return self.settings["rel_pos_bias"]
+
+
+def _sam_variant(description: str, **settings: Any) -> Variant:
+    return Variant(build_sam, MappingProxyType(settings), description, frozenset({"fast_window_attention"}))
+
+
+VARIANTS: Mapping[str, Variant] = MappingProxyType(
+    {
+        "sam_med3d": _sam_variant(
+            "the released configuration; loads the official checkpoints",
+            image_size=128,
+            patch_size=16,
+            encoder_embed_dim=768,
+            encoder_depth=12,
+            encoder_num_heads=12,
+            encoder_global_attn_indexes=(2, 5, 8, 11),
+            window_size=14,
+            prompt_embed_dim=384,
+            decoder_heads=8,
+            decoder_mlp_dim=2048,
+            mask_in_chans=16,
+            rel_pos_bias="upstream",
+        ),
+        "sam_med3d_small": _sam_variant(
+            "the released structure at half width: training on a CPU or a small GPU",
+            image_size=128,
+            patch_size=16,
+            encoder_embed_dim=384,
+            encoder_depth=6,
+            encoder_num_heads=6,
+            encoder_global_attn_indexes=(2, 5),
+            window_size=14,
+            prompt_embed_dim=192,
+            decoder_heads=8,
+            decoder_mlp_dim=1024,
+            mask_in_chans=16,
+            rel_pos_bias="upstream",
+        ),
+        # Trained by this bundle on a CPU (the shipped model.pt): 64^3 windows (96 mm at 1.5 mm) of 8^3
+        # patches, all blocks global, with the textbook bias it was trained with.
+        "sam_med3d_lite": _sam_variant(
+            "the shipped model: 64^3 windows of 8^3 patches at 1.5 mm",
+            image_size=64,
+            patch_size=8,
+            encoder_embed_dim=256,
+            encoder_depth=6,
+            encoder_num_heads=8,
+            encoder_global_attn_indexes=(),
+            window_size=0,
+            prompt_embed_dim=192,
+            decoder_heads=8,
+            decoder_mlp_dim=1024,
+            mask_in_chans=16,
+            rel_pos_bias="decomposed",
+        ),
+        "sam_med3d_tiny": _sam_variant(
+            "tests and quick experiments",
+            image_size=128,
+            patch_size=16,
+            encoder_embed_dim=192,
+            encoder_depth=4,
+            encoder_num_heads=3,
+            encoder_global_attn_indexes=(1, 3),
+            window_size=14,
+            prompt_embed_dim=96,
+            decoder_heads=4,
+            decoder_mlp_dim=512,
+            mask_in_chans=16,
+            rel_pos_bias="upstream",
+        ),
+        # 3DMedSAM (custom/networks/medsam3d.py): 2D SAM ViT-B, frozen, with 3D adapters; 64^3 crops of 8^3
+        # patches; 2D SAM's textbook 2D bias carried to 3D. ``sam2d_checkpoint`` names a segment-anything
+        # ViT-B file (None: random backbone).
+        "medsam3d_adapter": Variant(
+            build_medsam3d,
+            MappingProxyType(
+                dict(
+                    image_size=64,
+                    patch_size=8,
+                    encoder_embed_dim=768,
+                    encoder_depth=12,
+                    encoder_num_heads=12,
+                    adapter_dim=64,
+                    skip_depths=(8, 4),
+                    skip_chans=(64, 64),
+                    prompt_embed_dim=256,
+                    decoder_heads=8,
+                    decoder_mlp_dim=2048,
+                    mask_in_chans=16,
+                    freeze_backbone=True,
+                    sam2d_checkpoint=None,
+                    rel_pos_bias="decomposed",
+                )
+            ),
+            "3DMedSAM: a frozen 2D SAM ViT-B made volumetric with 3D adapters and a multi-scale 3D decoder",
+        ),
+    }
+)
+
+#: name -> settings (read-only), for code that only needs the numbers.
+SAM_MED3D_VARIANTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({k: v.settings for k, v in VARIANTS.items()})
+
+
 def available_networks() -> list[str]:
     """Names accepted by :func:`build_sam_med3d`."""
-    return sorted(SAM_MED3D_VARIANTS)
+    return sorted(VARIANTS)
 
 
-def build_sam_med3d(name: str = "sam_med3d", **overrides: Any) -> SamMed3D:
+def variant(name: str) -> Variant:
+    """The registered :class:`Variant` called ``name``."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown network_name {name!r}; registered: {', '.join(available_networks())}")
+    return VARIANTS[name]
+
+
+def build_sam_med3d(name: str = "sam_med3d", **overrides: Any) -> nn.Module:
     """Build a registered variant with random weights.
 
     Args:
         name: one of :func:`available_networks`.
         overrides: any of the variant's settings (``image_size``, ``patch_size``, ``encoder_embed_dim``,
             ``encoder_depth``, ``encoder_num_heads``, ``encoder_global_attn_indexes``, ``window_size``,
-            ``prompt_embed_dim``, ``decoder_heads``, ``decoder_mlp_dim``, ``mask_in_chans``) and
-            ``fast_window_attention`` (default True; False selects the padded reference computation).
+            ``prompt_embed_dim``, ``decoder_heads``, ``decoder_mlp_dim``, ``mask_in_chans``, ``rel_pos_bias``)
+            and ``fast_window_attention`` (default True; False selects the padded reference computation).
             ``"medsam3d_adapter"`` takes the settings of :func:`custom.networks.medsam3d.build_medsam3d`.
     """
-    if name not in SAM_MED3D_VARIANTS:
-        raise KeyError(f"unknown network_name {name!r}; registered: {', '.join(available_networks())}")
-    settings = dict(SAM_MED3D_VARIANTS[name])
-    builder = build_medsam3d if name == "medsam3d_adapter" else _build_sam
-    allowed = set(settings) | ({"fast_window_attention"} if builder is _build_sam else set())
+    chosen = variant(name)
+    allowed = set(chosen.settings) | chosen.extra_overrides
     unknown = set(overrides) - allowed
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)} for {name!r}; allowed: {sorted(allowed)}")
-    settings.update(overrides)
-    return builder(**settings)
+    return chosen.builder(**dict(chosen.settings, **overrides))
