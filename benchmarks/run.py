@@ -1,7 +1,7 @@
 """Speed and memory of the network and the workflows on this machine: one table, ratios measured in the same run.
 
     python benchmarks/run.py                 # everything (several minutes on 2 cores)
-    python benchmarks/run.py --only encoder  # one group: encoder, click, case, training
+    python benchmarks/run.py --only encoder  # one group: encoder, click, case, ct, training
 
 Each figure is the median of several runs after a warm-up, with ``torch.set_num_threads(2)``; each row runs
 in its own process, so that its peak resident memory (``ru_maxrss``) is its own.
@@ -205,6 +205,157 @@ def bench_case(dtype: str, repeats: int) -> dict:
     }
 
 
+CT_SHAPE, CT_SPACING = (512, 512, 300), (0.8, 0.8, 1.5)
+
+
+def synthetic_ct() -> tuple[Path, Path, list[dict]]:
+    """A 512 x 512 x 300 CT at 0.8 x 0.8 x 1.5 mm (int16 HU, .nii.gz) with five labelled objects of the sizes
+    seen in abdominal CT (a liver-sized ellipsoid longer than a window, a kidney, a spleen, a 12 mm lesion, a
+    200 mm tube), written once to the temporary folder; returns the image, the label and one click per object."""
+    import nibabel as nib
+    import numpy as np
+
+    folder = Path(tempfile.gettempdir()) / "sam_med3d_benchmark_ct"
+    image_path, label_path = folder / "ct.nii.gz", folder / "ct_label.nii.gz"
+    # centre (voxels), semi-axes (mm), HU
+    objects = [
+        ((300, 220, 150), (90, 70, 80), 60),
+        ((150, 300, 130), (30, 25, 50), 30),
+        ((380, 330, 170), (45, 35, 50), 45),
+        ((200, 180, 200), (6, 6, 6), 90),
+        ((256, 256, 150), (10, 10, 100), 150),
+    ]
+    clicks = [{"label": i + 1, "points": [list(c)], "point_labels": [1]} for i, (c, _, _) in enumerate(objects)]
+    if image_path.is_file() and label_path.is_file():
+        return image_path, label_path, clicks
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    image = rng.normal(-50, 40, CT_SHAPE).astype(np.int16)
+    label = np.zeros(CT_SHAPE, np.uint8)
+    axes = [np.arange(n, dtype=np.float32) * s for n, s in zip(CT_SHAPE, CT_SPACING)]
+    for index, (centre, radii, hu) in enumerate(objects, start=1):
+        lo = [max(int(c - r / s) - 1, 0) for c, r, s in zip(centre, radii, CT_SPACING)]
+        hi = [min(int(c + r / s) + 2, n) for c, r, s, n in zip(centre, radii, CT_SPACING, CT_SHAPE)]
+        d, h, w = (
+            ((a[lo_:hi_] - c * s) / r) ** 2 for a, lo_, hi_, c, s, r in zip(axes, lo, hi, centre, CT_SPACING, radii)
+        )
+        inside = d[:, None, None] + h[None, :, None] + w[None, None, :] <= 1
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        label[box][inside] = index
+        image[box][inside] += np.int16(hu + 50)
+    affine = np.diag([*CT_SPACING, 1.0])
+    nib.Nifti1Image(image, affine).to_filename(image_path)
+    nib.Nifti1Image(label, affine).to_filename(label_path)
+    return image_path, label_path, clicks
+
+
+def _checkpoint(name: str, folder: Path) -> Path:
+    """The shipped model for ``sam_med3d_lite``, random weights (written once) for other variants."""
+    from custom.networks import build_sam_med3d, checkpoint_payload, save_atomic
+
+    if name == "sam_med3d_lite":
+        return REPO / "bundle" / "models" / "model.pt"
+    path = folder / f"{name}.pt"
+    if not path.is_file():
+        save_atomic(checkpoint_payload(build_sam_med3d(name)), path)
+    return path
+
+
+def bench_ct_inference(name: str, repeats: int) -> dict:
+    """``inference.json`` on the synthetic CT, five objects, one click each: file to saved label map."""
+    from monai.bundle import ConfigWorkflow
+
+    image, _, clicks = synthetic_ct()
+    out = Path(tempfile.mkdtemp())
+    started = time.perf_counter()
+    workflow = ConfigWorkflow(
+        config_file=str(REPO / "bundle/configs/inference.json"),
+        workflow_type="infer",
+        bundle_root=str(REPO / "bundle"),
+        network_name=name,
+        ckpt_path=str(_checkpoint(name, image.parent)),
+        output_dir=str(out),
+        input_dict={"image": str(image), "objects": clicks, "modality": "CT"},
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    report = json.loads(next(out.rglob("*.json")).read_text())
+    windows = sum(len(o["windows"]) for o in report["objects"])
+    return {"seconds": time.perf_counter() - started, "note": f"{windows} windows for 5 objects"}
+
+
+def bench_ct_evaluation(name: str, repeats: int) -> dict:
+    """``evaluate.json`` on the synthetic CT: 5 targets x 10 uniform clicks, the whole case."""
+    from monai.bundle import ConfigWorkflow
+
+    image, label, _ = synthetic_ct()
+    folder = Path(tempfile.mkdtemp())
+    datalist = folder / "dataset.json"
+    datalist.write_text(
+        json.dumps({"modality": {"0": "CT"}, "validation": [{"image": str(image), "label": str(label)}]})
+    )
+    started = time.perf_counter()
+    workflow = ConfigWorkflow(
+        config_file=str(REPO / "bundle/configs/evaluate.json"),
+        workflow_type="infer",
+        bundle_root=str(REPO / "bundle"),
+        network_name=name,
+        ckpt_path=str(_checkpoint(name, image.parent)),
+        datalist=str(datalist),
+        output_dir=str(folder / "eval"),
+        num_clicks=10,
+        **{"report#progress": False},
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    summary = json.loads((folder / "eval" / "summary.json").read_text())
+    timing = summary["seconds_per_click"]
+    return {
+        "seconds": time.perf_counter() - started,
+        "note": f"{timing['clicks']} clicks, median {timing['median'] * 1000:.0f} ms per click",
+    }
+
+
+def bench_ct_click(name: str, repeats: int) -> dict:
+    """One further click on an object of the synthetic CT through the predictor, from the call to the updated
+    mask on the stored grid (the first click, which encodes the window, excluded): median of the clicks that
+    opened no window, with the time of those that did reported apart."""
+    import nibabel as nib
+    import numpy as np
+
+    from custom.networks import build_sam_med3d, load_checkpoint
+    from custom.predictor import VolumetricPredictor
+    from custom.prompts import uniform_error_click
+
+    image, label, _ = synthetic_ct()
+    network = build_sam_med3d(name).eval()
+    load_checkpoint(network, _checkpoint(name, image.parent))
+    predictor = VolumetricPredictor(network, intensity_clamp_by_modality={"CT": (-1000, 1000)})
+    predictor.set_image(str(image), modality="CT")
+    truth_map = torch.as_tensor(np.asarray(nib.load(label).dataobj, dtype=np.uint8))
+    quiet, opening = [], []
+    for target in (2, 3, 1):  # a kidney, a spleen, the liver
+        truth = truth_map == target
+        generator = torch.Generator().manual_seed(target)
+        prediction = torch.zeros_like(truth)
+        for index in range(repeats + 1):
+            click = uniform_error_click(prediction, truth, generator)
+            if click is None:
+                break
+            windows = predictor.report(target)["windows_encoded"] if index else 0
+            started = time.perf_counter()
+            prediction = predictor.add_click(target, click[0].tolist(), bool(click[1]))
+            seconds = time.perf_counter() - started
+            if index:
+                (opening if predictor.report(target)["windows_encoded"] > windows else quiet).append(seconds)
+    note = f"{len(quiet)} clicks; {len(opening)} opened windows"
+    if opening:
+        note += f" ({statistics.median(opening):.2f} s median)"
+    return {"seconds": statistics.median(quiet) if quiet else float("nan"), "note": note}
+
+
 def bench_training(spec: str, repeats: int) -> dict:
     """Training steps per second (11 click steps, batch 2, 128^3): ``<network>-<fp32|bf16>``."""
     from monai.losses import DiceCELoss
@@ -247,6 +398,12 @@ ROWS = {
     ],
     "click": [("click", "fp32", 10), ("click", "bf16", 10)],
     "case": [("case", "fp32", 2), ("case", "bf16", 2)],
+    "ct": [
+        ("ct_inference", "sam_med3d_lite", 1),
+        ("ct_evaluation", "sam_med3d_lite", 1),
+        ("ct_click", "sam_med3d_lite", 9),
+        ("ct_click", "sam_med3d", 9),
+    ],
     "training": [
         ("training", "sam_med3d_lite-fp32", 3),
         ("training", "sam_med3d_lite-bf16", 3),
@@ -264,6 +421,9 @@ BENCHES = {
     "click": bench_click,
     "case": bench_case,
     "training": bench_training,
+    "ct_inference": bench_ct_inference,
+    "ct_evaluation": bench_ct_evaluation,
+    "ct_click": bench_ct_click,
 }
 
 

@@ -12,21 +12,23 @@ The whole simulated interaction is one ``forward`` of :class:`InteractiveSegment
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Events
+from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import CheckpointLoader
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from .files import write_text_atomic
 from .networks.checkpoint import checkpoint_payload, save_atomic
 from .networks.sam_med3d import upsample_logits
 from .precision import autocast, check_autocast_dtype
-from .prompts import uniform_error_click
+from .prompts import simulated_click, uniform_error_click
 
 
 def simulate_clicks(
@@ -138,38 +140,52 @@ class InteractiveTrainingStep:
 
 
 class ClickValidationStep:
-    """``iteration_update`` for ``SupervisedEvaluator``: simulated clicks (uniform protocol, newest click and
-    the previous logits), with the binary prediction after each click in ``report_clicks`` kept as
-    ``pred_<k>``.
+    """``iteration_update`` for ``SupervisedEvaluator``: simulated clicks answered by the volumetric predictor,
+    as in inference and evaluation, on each validation image; the binary prediction after each click in
+    ``report_clicks`` is kept as ``pred_<k>``.
 
     Args:
+        inferer: the predictor's settings (:class:`~custom.inferer.PromptedInferer`).
         report_clicks: click counts to report, e.g. ``(1, 5)``.
-        autocast_dtype: ``"bfloat16"``, ``"float16"`` or None.
-        seed: the click draws of item ``i`` use ``seed + i``: every validation sees the same clicks.
+        protocol: a name of :data:`custom.prompts.CLICK_PROTOCOLS`.
+        seed: the clicks of item ``i`` are seeded with ``seed + i``: every validation sees the same clicks.
     """
 
-    def __init__(self, report_clicks: Sequence[int] = (1, 5), autocast_dtype: str | None = None, seed: int = 0):
+    def __init__(
+        self, inferer: Any, report_clicks: Sequence[int] = (1, 5), protocol: str = "uniform", seed: int = 0
+    ) -> None:
+        self.inferer = inferer
         self.report_clicks = sorted(set(int(k) for k in report_clicks))
-        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
+        self.protocol = protocol
         self.seed = seed
 
     def __call__(self, engine: SupervisedEvaluator, batchdata: dict) -> dict:
         image, target = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
         network = engine.network.module if hasattr(engine.network, "module") else engine.network
         network = network.network if isinstance(network, InteractiveSegmentation) else network
-        generator = torch.Generator().manual_seed(self.seed + engine.state.iteration)
-        truth = target[:, 0] > 0.5
+        predictor = self.inferer.predictor(network)
+        affines = image.affine if isinstance(image, MetaTensor) else None
+        predictions: dict[int, list[torch.Tensor]] = {k: [] for k in self.report_clicks}
+        with engine.mode(network):
+            for b in range(image.shape[0]):
+                affine = affines[b] if affines is not None and affines.ndim == 3 else affines
+                if affine is None:
+                    affine = torch.diag(torch.tensor([*predictor.spacing_mm, 1.0], dtype=torch.float64))
+                values = image[b].as_tensor() if isinstance(image, MetaTensor) else image[b]
+                predictor.set_image(MetaTensor(values.cpu(), affine=affine))
+                truth = (target[b, 0].as_tensor() if isinstance(target, MetaTensor) else target[b, 0]).cpu() > 0.5
+                generator = torch.Generator().manual_seed(self.seed + engine.state.iteration * 1_000 + b)
+                prediction = torch.zeros_like(truth)
+                for click_index in range(1, self.report_clicks[-1] + 1):
+                    click = simulated_click(self.protocol, prediction, truth, click_index, generator)
+                    if click is not None:
+                        prediction = predictor.add_click("target", click[0].tolist(), bool(click[1])).clone()
+                    if click_index in predictions:
+                        predictions[click_index].append(prediction)
+                predictor.reset()
         output = {Keys.IMAGE: image, Keys.LABEL: target}
-        with engine.mode(network), autocast(image.device, self.autocast_dtype):
-            embedding = network.encode(image)
-            prediction = torch.zeros_like(truth)
-            low_res = None
-            for click in range(1, self.report_clicks[-1] + 1):
-                coords, labels = simulate_clicks(prediction, truth, generator)
-                low_res, _ = network.decode(embedding, coords, labels, low_res)
-                prediction = upsample_logits(low_res.float(), image.shape[2:])[:, 0] > 0
-                if click in self.report_clicks:
-                    output[f"pred_{click}"] = prediction[:, None].float()
+        for k, masks in predictions.items():
+            output[f"pred_{k}"] = torch.stack(masks)[:, None].float().to(target.device)
         return output
 
 
@@ -269,6 +285,4 @@ class SaveBestModel:
             "best_metric": float(engine.state.best_metric),
             "metrics": {k: float(v) for k, v in engine.state.metrics.items()},
         }
-        tmp = self.output_dir / ".model.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, self.output_dir / "model.json")
+        write_text_atomic(self.output_dir / "model.json", json.dumps(summary, indent=2))

@@ -1,10 +1,12 @@
-"""Click-simulating evaluation on each case's own grid: Dice and NSD after every click, summaries and plots.
+"""Click-simulating evaluation on each case's own grid: Dice and NSD after every click, written as they come.
 
-Every (case, class present) pair is one target. Clicks are simulated from the ground truth on the stored
-grid by a named, seeded protocol (:data:`custom.prompts.CLICK_PROTOCOLS`), mapped to the resampled image,
-answered by the same :class:`~custom.inferer.PromptedWindowInferer` as inference (window embeddings are kept
-from click to click and class to class, so a further click costs only the decoder), and the prediction is
-pasted back by nearest neighbour before it is scored.
+Every (case, class present) pair is one target. Clicks are simulated from the ground truth on the stored grid by
+a named, seeded protocol (:data:`custom.prompts.CLICK_PROTOCOLS`) and answered by the same
+:class:`~custom.predictor.VolumetricPredictor` as inference: one prompt step per click in the windows it
+affects, window embeddings shared from click to click and class to class, the mask updated on the stored grid.
+
+``metrics.csv`` gets each target's rows as soon as the target is done; a rerun into the same folder (same
+settings) skips the targets already there, so an interrupted evaluation loses at most the target in progress.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 import zlib
 from collections import defaultdict
@@ -25,101 +25,111 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Events
-from monai.metrics import compute_dice, compute_surface_dice
+from monai.data import MetaTensor
+from monai.metrics import compute_surface_dice
+from scipy import ndimage
 
-from .inferer import PromptedWindowInferer
+from .files import append_line_durably, write_atomic, write_text_atomic
+from .inferer import PromptedInferer
 from .prompts import simulated_click
 
 logger = logging.getLogger(__name__)
 
+FIELDS = ("case", "class", "click", "point", "positive", "dice", "nsd", "seconds")
 
-class GridMapping:
-    """Nearest-neighbour correspondence between a case's stored grid and its resampled grid.
 
-    Args:
-        original_affine: ``(4, 4)`` voxel -> world of the stored grid.
-        original_shape: its spatial shape.
-        resampled_affine: ``(4, 4)`` voxel -> world of the resampled (oriented) grid.
-        resampled_shape: its spatial shape.
-    """
+def _foreground_box(*masks: torch.Tensor, margin: int = 1) -> tuple[slice, ...] | None:
+    """The bounding box of the masks' union, widened by ``margin`` voxels (None if all are empty)."""
+    union = masks[0].clone()
+    for mask in masks[1:]:
+        union |= mask
+    if not union.any():
+        return None
+    box = []
+    for axis in range(union.ndim):
+        others = tuple(a for a in range(union.ndim) if a != axis)
+        present = torch.nonzero(union.any(dim=others))[:, 0]
+        box.append(slice(max(int(present[0]) - margin, 0), int(present[-1]) + 1 + margin))
+    return tuple(box)
 
-    def __init__(self, original_affine, original_shape, resampled_affine, resampled_shape) -> None:
-        original = np.asarray(original_affine, dtype=np.float64)
-        resampled = np.asarray(resampled_affine, dtype=np.float64)
-        self.original_to_resampled = np.linalg.inv(resampled) @ original
-        self.original_shape = tuple(int(s) for s in original_shape)
-        self.resampled_shape = tuple(int(s) for s in resampled_shape)
-        grid = np.stack(np.meshgrid(*[np.arange(s) for s in self.original_shape], indexing="ij"), -1).reshape(-1, 3)
-        nearest = np.rint(grid @ self.original_to_resampled[:3, :3].T + self.original_to_resampled[:3, 3]).astype(int)
-        self.inside = torch.as_tensor(np.all((nearest >= 0) & (nearest < self.resampled_shape), axis=1))
-        inside = nearest[self.inside.numpy()]
-        self.source = torch.as_tensor(np.ravel_multi_index(tuple(inside.T), self.resampled_shape))
 
-    def points_to_resampled(self, points: torch.Tensor) -> torch.Tensor:
-        """``(N, 3)`` voxel indices of the stored grid -> float voxel indices of the resampled grid."""
-        points = np.asarray(points, dtype=np.float64)
-        mapped = points @ self.original_to_resampled[:3, :3].T + self.original_to_resampled[:3, 3]
-        return torch.as_tensor(mapped, dtype=torch.float32)
-
-    def to_original(self, volume: torch.Tensor) -> torch.Tensor:
-        """A resampled ``(D, H, W)`` volume on the stored grid (outside the resampled grid: zero / False)."""
-        out = torch.zeros(int(np.prod(self.original_shape)), dtype=volume.dtype)
-        out[self.inside] = volume.reshape(-1).cpu()[self.source]
-        return out.reshape(self.original_shape)
+def _union_box(
+    truth: tuple[slice, ...], predicted: tuple[slice, ...] | None, shape: Sequence[int], margin: int = 1
+) -> tuple[slice, ...]:
+    """The smallest box holding both boxes, widened by ``margin`` voxels within ``shape``."""
+    boxes = [truth] + ([predicted] if predicted is not None else [])
+    return tuple(
+        slice(max(min(b[a].start for b in boxes) - margin, 0), min(max(b[a].stop for b in boxes) + margin, n))
+        for a, n in enumerate(shape)
+    )
 
 
 def dice_and_nsd(prediction: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float], tolerance_mm: float):
-    """Dice and normalised surface Dice (tolerance in mm, ``spacing`` in mm) of two ``(D, H, W)`` bool masks."""
-    y_pred, y = prediction[None, None].float(), truth[None, None].float()
-    dice = float(compute_dice(y_pred, y, include_background=True, ignore_empty=False)[0, 0])
-    if not prediction.any():
+    """Dice and normalised surface Dice (tolerance in mm, ``spacing`` in mm) of two ``(D, H, W)`` bool masks.
+
+    Both are computed over the bounding box of the two masks (plus one voxel): the same numbers as over the
+    whole volume, at the cost of the objects' size, not the scan's.
+    """
+    box = _foreground_box(prediction, truth)
+    if box is None:
+        return 1.0, 1.0  # both empty
+    prediction, truth = prediction[box], truth[box]
+    overlap = int((prediction & truth).sum())
+    dice = 2 * overlap / (int(prediction.sum()) + int(truth.sum()))
+    if not prediction.any() or not truth.any():
         return dice, 0.0
     nsd = compute_surface_dice(
-        y_pred, y, class_thresholds=[tolerance_mm], include_background=True, spacing=[float(s) for s in spacing]
+        prediction[None, None].float(),
+        truth[None, None].float(),
+        class_thresholds=[tolerance_mm],
+        include_background=True,
+        spacing=[float(s) for s in spacing],
     )
     return dice, float(nsd[0, 0])
 
 
 class ClickEvaluationStep:
-    """``iteration_update`` of the evaluation ``SupervisedEvaluator``: one case (all its classes) per iteration.
+    """``iteration_update`` of the evaluation ``SupervisedEvaluator``: one case (all its pending classes) per
+    iteration; each target's rows go to ``report`` as soon as the target is done.
 
-    The batch holds the resampled ``image`` and the ``label`` on the stored grid. Returns ``{"rows": [...]}``,
-    one row per (class, click): case, class, click, dice, nsd, seconds.
+    The batch holds the ``image`` and the ``label`` as stored (the predictor resamples), ``case``, ``classes``
+    and ``modality``. Returns ``{"rows": [...]}``: one row per (class, click) with case, class, click, whether
+    it was positive, dice, nsd, and the seconds from the click to the updated mask on the stored grid.
+    ``point`` is the click (voxel indices of the stored grid, ``"i j k"``): a target's clicks can be replayed
+    through inference.
 
     Args:
-        inferer: answers the clicks (window placement, growth, click memory, autocast).
+        inferer: the predictor's settings (window placement, growth, click memory, autocast).
         num_clicks: clicks per target.
-        protocol: ``"uniform"`` or ``"paper"``.
+        protocol: a name of :data:`custom.prompts.CLICK_PROTOCOLS`.
         seed: with the case and class, seeds the clicks: a target gets the same clicks in every run.
         nsd_tolerance_mm: NSD tolerance.
         failures: an object with ``report_failure(message)`` (the run's case list): a case that fails is
             reported there and the evaluation goes on.
+        report: the :class:`EvaluationReport` that writes the rows and knows the targets already done.
     """
 
     def __init__(
         self,
-        inferer: PromptedWindowInferer,
+        inferer: PromptedInferer,
         num_clicks: int = 10,
         protocol: str = "uniform",
         seed: int = 2023,
         nsd_tolerance_mm: float = 1.0,
         failures: Any = None,
+        report: EvaluationReport | None = None,
     ) -> None:
         if num_clicks < 1:
             raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
-        simulated_click(
-            protocol,
-            torch.zeros(1, 1, 1, dtype=torch.bool),
-            torch.ones(1, 1, 1, dtype=torch.bool),
-            1,
-            torch.Generator(),
-        )  # fails early on an unknown protocol name
+        empty, full = torch.zeros(1, 1, 1, dtype=torch.bool), torch.ones(1, 1, 1, dtype=torch.bool)
+        simulated_click(protocol, empty, full, 1, torch.Generator())  # fails early on an unknown protocol
         self.inferer = inferer
         self.num_clicks = num_clicks
         self.protocol = protocol
         self.seed = seed
         self.nsd_tolerance_mm = nsd_tolerance_mm
         self.failures = failures
+        self.report = report
 
     def click_generator(self, case: str, target_class: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(f"{case}/{target_class}".encode()))
@@ -127,50 +137,68 @@ class ClickEvaluationStep:
     def __call__(self, engine, batchdata: Mapping[str, Any]) -> dict[str, list]:
         case = batchdata["case"][0] if "case" in batchdata else "case"
         try:
-            return {"rows": self.evaluate_case(engine.network, batchdata, case, engine.state.device)}
+            return {"rows": self.evaluate_case(engine.network, batchdata, case)}
         except Exception as err:  # one bad case must not stop the others
             if self.failures is None:
                 raise
             self.failures.report_failure(f"case {case!r}: {type(err).__name__}: {err}")
             return {"rows": []}
 
-    def evaluate_case(self, network, batchdata, case: str, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
-        image = batchdata["image"][0].to(device)
-        label = batchdata["label"][0]
-        truth_map = torch.as_tensor(label)[0]
-        original_affine = np.asarray(label.affine)
-        spacing = np.sqrt((original_affine[:3, :3] ** 2).sum(axis=0))
-        mapping = GridMapping(original_affine, truth_map.shape, np.asarray(image.affine), image.shape[1:])
-        embeddings: dict = {}
-        rows = []
+    def evaluate_case(self, network, batchdata: Mapping[str, Any], case: str) -> list[dict[str, Any]]:
+        image, label = batchdata["image"][0], batchdata["label"][0]
+        truth_map = torch.as_tensor(label.as_tensor() if isinstance(label, MetaTensor) else label)[0]
+        spacing = np.sqrt((np.asarray(label.affine)[:3, :3] ** 2).sum(axis=0))
+        classes = batchdata.get("classes")
+        classes = [int(c) for c in classes] if classes is not None else [int(c) for c in truth_map.unique() if c > 0]
+        pending = [c for c in classes if self.report is None or not self.report.is_done(case, c)]
+        if not pending:
+            return []
+        modality = batchdata.get("modality", [""])[0]
+        predictor = self.inferer.predictor(network)
         network.eval()
-        for target_class in [int(c) for c in torch.unique(truth_map) if c > 0]:
-            truth = truth_map == target_class
+        source = {"filename_or_obj": image.meta.get("filename_or_obj", case)}
+        predictor.set_image(MetaTensor(image.as_tensor(), affine=image.affine, meta=source), modality=str(modality))
+        labels = truth_map.numpy()
+        truth_boxes = ndimage.find_objects(labels if labels.dtype.kind in "iu" else labels.astype(np.int32))
+        rows = []
+        for target_class in pending:
             generator = self.click_generator(case, target_class)
-            prediction = torch.zeros_like(truth)
-            coords, labels = [], []
+            truth_box = truth_boxes[target_class - 1]
+            prediction = torch.zeros(truth_map.shape, dtype=torch.bool)
             dice = nsd = 0.0
+            target_rows = []
             for click_index in range(1, self.num_clicks + 1):
-                started = time.perf_counter()
-                click = simulated_click(self.protocol, prediction, truth, click_index, generator)
+                # prediction and truth are empty outside this box: clicks and scores need only the box
+                box = _union_box(truth_box, predictor.extent(target_class), truth_map.shape)
+                truth = truth_map[box] == target_class
+                click = simulated_click(self.protocol, prediction[box], truth, click_index, generator)
+                seconds, positive, point = 0.0, "", ""
                 if click is not None:  # None: already perfect; the scores stay
-                    coords.append(mapping.points_to_resampled(click[0][None])[0])
-                    labels.append(click[1])
-                    logits, _ = self.inferer.segment_volume(
-                        image, network, torch.stack(coords)[None], torch.tensor([labels]), embeddings=embeddings
+                    point = [int(c) + s.start for c, s in zip(click[0].tolist(), box)]
+                    started = time.perf_counter()
+                    prediction = predictor.add_click(target_class, point, bool(click[1]))
+                    seconds = time.perf_counter() - started
+                    positive, point = click[1], " ".join(str(c) for c in point)
+                    box = _union_box(truth_box, predictor.extent(target_class), truth_map.shape)
+                    dice, nsd = dice_and_nsd(
+                        prediction[box], truth_map[box] == target_class, spacing, self.nsd_tolerance_mm
                     )
-                    prediction = mapping.to_original(logits[0] > 0)
-                    dice, nsd = dice_and_nsd(prediction, truth, spacing, self.nsd_tolerance_mm)
-                rows.append(
+                target_rows.append(
                     {
                         "case": case,
                         "class": target_class,
                         "click": click_index,
+                        "point": point,
+                        "positive": positive,
                         "dice": round(dice, 6),
                         "nsd": round(nsd, 6),
-                        "seconds": round(time.perf_counter() - started, 4),
+                        "seconds": round(seconds, 4),
                     }
                 )
+            predictor.reset(target_class)
+            if self.report is not None:
+                self.report.add_target(target_rows)
+            rows.extend(target_rows)
         return rows
 
 
@@ -186,24 +214,24 @@ def summarize(
     ``NoC@X``: mean number of clicks needed to reach Dice >= X, ``num_clicks`` when never reached;
     ``best_over_clicks_dice@k``: the paper's optimistic figure, the best Dice over clicks 1..k.
     """
-    curves: dict[tuple[str, int], dict[int, dict[str, float]]] = defaultdict(dict)
+    curves: dict[tuple[str, int], dict[int, Mapping[str, Any]]] = defaultdict(dict)
     for row in rows:
         curves[(row["case"], int(row["class"]))][int(row["click"])] = row
 
     def scores(targets) -> dict[str, float]:
         result: dict[str, float] = {"targets": len(targets)}
         for k in [k for k in report_clicks if k <= num_clicks]:
-            result[f"dice@{k}"] = float(np.mean([curves[t][k]["dice"] for t in targets]))
-            result[f"nsd@{k}"] = float(np.mean([curves[t][k]["nsd"] for t in targets]))
+            result[f"dice@{k}"] = float(np.mean([float(curves[t][k]["dice"]) for t in targets]))
+            result[f"nsd@{k}"] = float(np.mean([float(curves[t][k]["nsd"]) for t in targets]))
         for threshold in noc_thresholds:
             needed = [
-                next((k for k in range(1, num_clicks + 1) if curves[t][k]["dice"] >= threshold), num_clicks)
+                next((k for k in range(1, num_clicks + 1) if float(curves[t][k]["dice"]) >= threshold), num_clicks)
                 for t in targets
             ]
             result[f"NoC@{round(threshold * 100)}"] = float(np.mean(needed))
         for k in [k for k in report_clicks if k <= num_clicks]:
             result[f"best_over_clicks_dice@{k}"] = float(
-                np.mean([max(curves[t][j]["dice"] for j in range(1, k + 1)) for t in targets])
+                np.mean([max(float(curves[t][j]["dice"]) for j in range(1, k + 1)) for t in targets])
             )
         return result
 
@@ -211,32 +239,35 @@ def summarize(
     if not targets:
         return {"overall": {"targets": 0}, "per_class": {}}
     classes = sorted({c for _, c in targets})
+    timed = [float(row["seconds"]) for row in rows if str(row.get("positive", "")) != ""]
     return {
         "overall": scores(targets),
         "per_class": {str(c): scores([t for t in targets if t[1] == c]) for c in classes},
+        "seconds_per_click": {
+            "mean": float(np.mean(timed)) if timed else 0.0,
+            "median": float(np.median(timed)) if timed else 0.0,
+            "p90": float(np.percentile(timed, 90)) if timed else 0.0,
+            "clicks": len(timed),
+        },
     }
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 class EvaluationReport:
-    """Evaluator handler: collects the rows of every iteration and, at the end, writes ``metrics.csv``,
-    ``summary.json`` and ``dice_vs_clicks.png`` to ``output_dir`` (each atomically) and prints a table.
+    """Evaluator handler: writes each target's rows to ``metrics.csv`` as it finishes, counts targets on a
+    progress bar, and at the end writes ``summary.json`` and ``dice_vs_clicks.png`` and prints a table.
+
+    A rerun into the same ``output_dir`` with the same settings continues: the targets whose rows are all in
+    ``metrics.csv`` are skipped (cases with nothing left are not even loaded); rows of a target that was cut
+    short are dropped. Other settings than the folder's are refused.
 
     Args:
         output_dir: where the files go.
         num_clicks: clicks per target.
         class_names: label value (as a string) -> name, for the table and the plot.
-        settings: entries recorded in ``summary.json`` as they are (protocol, network, checkpoint...).
-        failures: the run's case list (its ``failures`` are recorded).
+        settings: entries recorded in ``summary.json`` and ``evaluation.json`` (protocol, network, checkpoint...);
+            a rerun must give the same ones.
+        failures: the run's case list (its ``cases`` are pruned of finished ones; its ``failures`` recorded).
+        progress: show a progress bar of targets.
     """
 
     def __init__(
@@ -246,33 +277,113 @@ class EvaluationReport:
         class_names: Mapping[str, str] | None = None,
         settings: Mapping[str, Any] | None = None,
         failures: Any = None,
+        progress: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.num_clicks = num_clicks
         self.class_names = {str(k): str(v) for k, v in (class_names or {}).items()}
-        self.settings = dict(settings or {})
+        self.settings = dict(settings or {}, num_clicks=num_clicks)
         self.failures = failures
+        self.progress = progress
         self.rows: list[dict[str, Any]] = []
+        self._done: set[tuple[str, int]] = set()
+        self._bar = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.csv"
 
     def attach(self, engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self.rows.extend(e.state.output["rows"]))
+        engine.add_event_handler(Events.STARTED, lambda _: self.start())
         engine.add_event_handler(Events.COMPLETED, lambda _: self.write())
 
-    def write(self) -> dict[str, Any]:
+    def is_done(self, case: str, target_class: int) -> bool:
+        return (case, int(target_class)) in self._done
+
+    def start(self) -> None:
+        """Check the folder's settings, keep its finished targets, prune the case list, open the progress bar."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        summary = dict(self.settings, num_clicks=self.num_clicks, **summarize(self.rows, self.num_clicks))
-        summary["failed_cases"] = list(getattr(self.failures, "failures", []))
+        recorded = self.output_dir / "evaluation.json"
+        settings = json.loads(json.dumps(self.settings, default=str))
+        if recorded.is_file() and self.metrics_path.is_file():
+            earlier = json.loads(recorded.read_text())
+            differ = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != v}
+            if differ:
+                raise ValueError(
+                    f"{self.output_dir} holds an evaluation with other settings "
+                    + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+                    + "; give another --output_dir or remove that folder"
+                )
+        write_text_atomic(recorded, json.dumps(settings, indent=2))
+        self.rows = self._finished_rows()
+        self._done = {(row["case"], int(row["class"])) for row in self.rows}
+        write_text_atomic(self.metrics_path, self._csv(self.rows, header=True))
+        pending = 0
+        if self.failures is not None and hasattr(self.failures, "cases"):
+            kept = []
+            for case in self.failures.cases:
+                left = [c for c in case.get("classes", []) if (case["case"], int(c)) not in self._done]
+                if left or "classes" not in case:
+                    kept.append(case)
+                    pending += len(left)
+            self.failures.cases[:] = kept
+        if self._done:
+            logger.info("%s: %d targets already evaluated, skipped", self.metrics_path, len(self._done))
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=pending or None, desc="targets", unit="target")
+
+    def _finished_rows(self) -> list[dict[str, Any]]:
+        """The rows of the targets that ``metrics.csv`` holds completely (every click, every field)."""
+        if not self.metrics_path.is_file():
+            return []
+        by_target: dict[tuple[str, int], dict[int, dict[str, Any]]] = defaultdict(dict)
+        with open(self.metrics_path, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                try:
+                    parsed = dict(row, **{"class": int(row["class"]), "click": int(row["click"])})
+                    float(parsed["dice"]), float(parsed["nsd"]), float(parsed["seconds"])
+                except (KeyError, TypeError, ValueError):
+                    continue  # an unfinished last line
+                by_target[(parsed["case"], parsed["class"])][parsed["click"]] = parsed
+        rows = []
+        for clicks in by_target.values():
+            if set(clicks) == set(range(1, self.num_clicks + 1)):
+                rows.extend(clicks[k] for k in sorted(clicks))
+        return rows
+
+    @staticmethod
+    def _csv(rows: Sequence[Mapping[str, Any]], header: bool = False) -> str:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["case", "class", "click", "dice", "nsd", "seconds"])
-        writer.writeheader()
-        writer.writerows(self.rows)
-        _write_atomic(self.output_dir / "metrics.csv", lambda p: Path(p).write_text(buffer.getvalue()))
-        _write_atomic(self.output_dir / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+        writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")
+        if header:
+            writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in FIELDS} for row in rows)
+        return buffer.getvalue()
+
+    def add_target(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """One finished target: its rows appended to ``metrics.csv`` (one write, flushed), the bar advanced."""
+        if not self.metrics_path.is_file():
+            write_text_atomic(self.metrics_path, self._csv([], header=True))
+        append_line_durably(self.metrics_path, self._csv(rows))
+        self.rows.extend(dict(row) for row in rows)
+        if rows:
+            self._done.add((rows[0]["case"], int(rows[0]["class"])))
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def write(self) -> dict[str, Any]:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        summary = dict(self.settings, **summarize(self.rows, self.num_clicks))
+        summary["failed_cases"] = list(getattr(self.failures, "failures", []))
+        write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         if self.rows:
-            _write_atomic(self.output_dir / "dice_vs_clicks.png", self._plot)
-        table = self.table(summary)
-        print(table)
+            write_atomic(self.output_dir / "dice_vs_clicks.png", self._plot)
+        print(self.table(summary))
         logger.info("evaluation written to %s", self.output_dir)
         return summary
 
@@ -290,6 +401,12 @@ class EvaluationReport:
             )
         overall = summary["overall"]
         lines.append(f"{'overall':<20}{overall['targets']:>5}" + "".join(f"{overall[k]:>10.3f}" for k in keys))
+        timing = summary.get("seconds_per_click")
+        if timing and timing["clicks"]:
+            lines.append(
+                f"seconds per click (click -> mask on the stored grid): median {timing['median']:.3f}, "
+                f"mean {timing['mean']:.3f}, p90 {timing['p90']:.3f} over {timing['clicks']} clicks"
+            )
         return "\n".join(lines)
 
     def _plot(self, path: str) -> None:
@@ -300,8 +417,8 @@ class EvaluationReport:
 
         by_class: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for row in self.rows:
-            by_class[str(row["class"])][int(row["click"])].append(row["dice"])
-            by_class["overall"][int(row["click"])].append(row["dice"])
+            by_class[str(row["class"])][int(row["click"])].append(float(row["dice"]))
+            by_class["overall"][int(row["click"])].append(float(row["dice"]))
         figure, axes = plt.subplots(figsize=(6, 4))
         clicks = list(range(1, self.num_clicks + 1))
         for label, curve in sorted(by_class.items(), key=lambda kv: kv[0] == "overall"):

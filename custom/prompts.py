@@ -5,11 +5,31 @@ Coordinates are voxel indices in array order, as float tensors ``(3,)``; masks a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import MappingProxyType
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+#: What each prompt step of a window is given besides the previous low-res logits: ``"newest"``, the newest
+#: click only (what training does, reference §4, and what the shipped model was trained with), or ``"all"``,
+#: every click so far.
+CLICK_MEMORIES = ("newest", "all")
+
+
+def check_click_memory(name: str) -> str:
+    """``name`` if it is one of :data:`CLICK_MEMORIES`, else a ValueError naming the choices."""
+    if name not in CLICK_MEMORIES:
+        raise ValueError(f"click_memory must be one of {CLICK_MEMORIES}, got {name!r}")
+    return name
+
+
+def prompt_clicks(clicks: Sequence[tuple[torch.Tensor, int]], memory: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The points of one prompt step from a window's clicks so far (oldest first): ``(n, 3)`` coords and ``(n,)``
+    labels, the newest click alone or all of them (``memory``, see :data:`CLICK_MEMORIES`)."""
+    chosen = clicks[-1:] if check_click_memory(memory) == "newest" else clicks
+    return torch.stack([c for c, _ in chosen]).float(), torch.tensor([label for _, label in chosen])
 
 
 def deepest_point(mask: torch.Tensor) -> torch.Tensor | None:

@@ -36,6 +36,13 @@ def axis_mapping(src_affine: np.ndarray, dst_affine: np.ndarray) -> tuple[np.nda
     return np.diag(linear).copy(), xform[:, 3].copy()
 
 
+def source_coordinates(scale: float, shift: float, n_out: int, n_in: int) -> torch.Tensor:
+    """``(n_out,)`` float64 source coordinates ``scale * o + shift`` of output voxels ``o``, clamped to the
+    source's ``n_in`` voxels (``grid_sample``'s border padding). Nearest neighbour rounds them half to even,
+    as ``grid_sample`` does: every resampling and every paste-back of this bundle goes through here."""
+    return (scale * torch.arange(n_out, dtype=torch.float64) + shift).clamp(0, n_in - 1)
+
+
 def resample_axis_aligned(
     image: torch.Tensor,
     scale: Sequence[float],
@@ -57,7 +64,7 @@ def resample_axis_aligned(
     # strided gathers (tens of times slower). So each pass resamples dim 1, then rotates the next axis there.
     for s, t, n_out in zip(scale, shift, out_shape):
         n_in = out.shape[1]
-        coords = (s * torch.arange(n_out, dtype=torch.float64) + t).clamp(0, n_in - 1)
+        coords = source_coordinates(s, t, n_out, n_in)
         if mode == "nearest":
             out = out.index_select(1, coords.round().long().to(image.device))
         else:
@@ -92,7 +99,8 @@ class AxisAlignedSpacingd(MapTransform, InvertibleTransform):
         self.mode = ensure_tuple_rep(mode, len(self.keys))
         self.fallback = Spacingd(keys, pixdim, mode=mode, dtype=torch.float32, allow_missing_keys=allow_missing_keys)
 
-    def _target_grid(self, image: MetaTensor) -> tuple[np.ndarray, list[int]]:
+    def target_grid(self, image: MetaTensor) -> tuple[np.ndarray, list[int]]:
+        """The affine and spatial shape ``Spacingd`` gives ``image``, computed without resampling."""
         src_affine = image.affine.numpy().astype(np.float64)
         dst_affine = zoom_affine(src_affine, self.pixdim, diagonal=False)
         shape, offset = compute_shape_offset(image.shape[1:], src_affine, dst_affine, scale_extent=False)
@@ -104,7 +112,7 @@ class AxisAlignedSpacingd(MapTransform, InvertibleTransform):
             image = d[key]
             if not isinstance(image, MetaTensor) or image.ndim != 4 or mode not in _FAST_MODES:
                 return False
-            if image.pending_operations or axis_mapping(image.affine.numpy(), self._target_grid(image)[0]) is None:
+            if image.pending_operations or axis_mapping(image.affine.numpy(), self.target_grid(image)[0]) is None:
                 return False
         return True
 
@@ -115,7 +123,7 @@ class AxisAlignedSpacingd(MapTransform, InvertibleTransform):
         for key, mode in self.key_iterator(d, self.mode):
             image: MetaTensor = d[key]
             src_affine = image.affine.numpy().astype(np.float64)
-            dst_affine, shape = self._target_grid(image)
+            dst_affine, shape = self.target_grid(image)
             scale, shift = axis_mapping(src_affine, dst_affine)
             values = resample_axis_aligned(image.as_tensor(), scale, shift, shape, mode)
             out = MetaTensor(values, meta=dict(image.meta), applied_operations=list(image.applied_operations))
@@ -145,3 +153,86 @@ class AxisAlignedSpacingd(MapTransform, InvertibleTransform):
             out.affine = torch.as_tensor(src_affine, dtype=torch.float64)
             d[key] = out
         return d
+
+
+class NetworkGrid:
+    """The geometry between a volume's stored grid and the network's grid (RAS, ``spacing``): converting
+    points, and pasting predictions back by nearest neighbour.
+
+    Orientation to RAS permutes and flips axes, and ``Spacingd`` keeps the axis directions, so each stored axis
+    maps onto one network axis by a scale and a shift: the paste-back is three index lookups of length
+    ``D + H + W`` (no per-voxel coordinate arrays), and a region of the network grid maps to a box of the
+    stored grid.
+
+    Args:
+        stored_affine, stored_shape: voxel -> world (4 x 4) and spatial shape of the grid the volume is stored on.
+        network_affine, network_shape: the same for the network's grid.
+
+    Raises:
+        ValueError: the grids are not axis-aligned to each other (naming both affines).
+    """
+
+    def __init__(
+        self,
+        stored_affine: np.ndarray | torch.Tensor,
+        stored_shape: Sequence[int],
+        network_affine: np.ndarray | torch.Tensor,
+        network_shape: Sequence[int],
+    ) -> None:
+        self.stored_affine = np.asarray(stored_affine, np.float64)
+        self.network_affine = np.asarray(network_affine, np.float64)
+        self.stored_shape = tuple(int(s) for s in stored_shape)
+        self.network_shape = tuple(int(s) for s in network_shape)
+        self.stored_to_network_matrix = np.linalg.solve(self.network_affine, self.stored_affine)
+        linear = self.stored_to_network_matrix[:3, :3]
+        #: the network axis each stored axis lies along
+        self.network_axis = [int(np.argmax(np.abs(linear[:, a]))) for a in range(3)]
+        mixed = linear.copy()
+        mixed[self.network_axis, range(3)] = 0
+        if sorted(self.network_axis) != [0, 1, 2] or np.abs(mixed).max() > _AXIS_ALIGNED_TOL * np.abs(linear).max():
+            raise ValueError(
+                "the network grid is not axis-aligned to the stored grid (stored affine "
+                f"{self.stored_affine.tolist()}, network affine {self.network_affine.tolist()})"
+            )
+        # nearest network index of every stored index, per stored axis
+        self._nearest = [
+            source_coordinates(linear[p, a], self.stored_to_network_matrix[p, 3], n, self.network_shape[p])
+            .round()
+            .long()
+            for a, (p, n) in enumerate(zip(self.network_axis, self.stored_shape))
+        ]
+
+    def stored_to_network(self, points: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``(N, 3)`` voxel indices of the stored grid -> float voxel coordinates of the network grid."""
+        points = np.asarray(points, np.float64).reshape(-1, 3)
+        mapped = points @ self.stored_to_network_matrix[:3, :3].T + self.stored_to_network_matrix[:3, 3]
+        return torch.as_tensor(mapped, dtype=torch.float32)
+
+    def world_to_stored(self, points: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(N, 3)`` world coordinates (mm, the affines' space) -> float voxel coordinates of the stored grid."""
+        points = np.asarray(points, np.float64).reshape(-1, 3)
+        return np.linalg.solve(self.stored_affine, np.c_[points, np.ones(len(points))].T).T[:, :3]
+
+    def stored_box(self, network_box: Sequence[tuple[int, int]]) -> list[tuple[int, int]] | None:
+        """The box of stored voxels whose nearest network voxel lies in ``network_box`` (``[lo, hi)`` per
+        network axis); None if empty. Returned per stored axis, ``[lo, hi)``."""
+        box = []
+        for a, p in enumerate(self.network_axis):
+            lo, hi = network_box[p]
+            inside = torch.nonzero((self._nearest[a] >= lo) & (self._nearest[a] < hi))
+            if len(inside) == 0:
+                return None
+            box.append((int(inside[0]), int(inside[-1]) + 1))
+        return box
+
+    def paste(self, region: torch.Tensor, network_box: Sequence[tuple[int, int]], out: torch.Tensor) -> None:
+        """Write a network-grid ``region`` (the values over ``network_box``) into the stored-grid volume ``out``
+        by nearest neighbour, over the stored box it covers."""
+        box = self.stored_box(network_box)
+        if box is None:
+            return
+        values = region.permute(*self.network_axis)  # stored axis order, network indices
+        for a, (lo, hi) in enumerate(box):
+            start = network_box[self.network_axis[a]][0]
+            values = values.index_select(a, (self._nearest[a][lo:hi] - start).to(values.device))
+        out[tuple(slice(lo, hi) for lo, hi in box)] = values.to(out.device, out.dtype)

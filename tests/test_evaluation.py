@@ -11,12 +11,13 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 from monai.bundle import ConfigWorkflow
-from monai.transforms import Compose, EnsureChannelFirst, Invert, LoadImage, Orientation, Spacing
+from monai.transforms import Compose, EnsureChannelFirst, Invert, LoadImage, Orientation, Orientationd, Spacing
 from scipy import ndimage
 from test_inference import ThresholdNetwork, write_nifti
 
-from custom.evaluation import GridMapping, dice_and_nsd, summarize
+from custom.evaluation import dice_and_nsd, summarize
 from custom.prompts import inner_core_click, simulated_click
+from custom.spacing import AxisAlignedSpacingd, NetworkGrid
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 
@@ -165,7 +166,7 @@ def test_summary_numbers():
     assert overall["best_over_clicks_dice@3"] == pytest.approx((0.86 + 0.96) / 2)
 
 
-def test_grid_mapping_agrees_with_monai_inversion(tmp_path):
+def test_network_grid_paste_back_agrees_with_monai_inversion(tmp_path):
     rng = np.random.default_rng(3)
     volume = ndimage.gaussian_filter(rng.normal(size=(40, 30, 16)), 2) > 0
     affine = np.diag([-0.9, -1.2, 2.5, 1.0])
@@ -175,12 +176,25 @@ def test_grid_mapping_agrees_with_monai_inversion(tmp_path):
     original = load(path)
     spatial = Compose([Orientation(axcodes="RAS", labels=None), Spacing(pixdim=(1.5, 1.5, 1.5), mode="nearest")])
     resampled = spatial(original)
-    mapping = GridMapping(original.affine, original.shape[1:], resampled.affine, resampled.shape[1:])
-    ours = mapping.to_original(resampled[0] > 0.5).numpy()
+    grid = NetworkGrid(original.affine, original.shape[1:], resampled.affine, resampled.shape[1:])
+    ours = torch.zeros(original.shape[1:], dtype=torch.bool)
+    grid.paste(resampled[0] > 0.5, [(0, n) for n in resampled.shape[1:]], ours)
     inverted = Invert(spatial, nearest_interp=True)(resampled)[0].numpy() > 0.5
-    assert (ours == inverted).mean() > 0.995
+    assert (ours.numpy() == inverted).mean() > 0.995
     np.testing.assert_allclose(
-        mapping.points_to_resampled(torch.tensor([[10.0, 5.0, 3.0]]))[0].numpy(),
+        grid.stored_to_network(torch.tensor([[10.0, 5.0, 3.0]]))[0].numpy(),
         (np.linalg.inv(np.asarray(resampled.affine)) @ affine @ [10.0, 5.0, 3.0, 1.0])[:3],
         atol=1e-4,
     )
+    # the exact resampler's own inverse (what Invertd runs for the automatic workflow) is the same paste-back
+    exact = Compose(
+        [Orientationd("image", axcodes="RAS", labels=None), AxisAlignedSpacingd("image", (1.5,) * 3, "nearest")]
+    )
+    forward = exact({"image": original})["image"]
+    assert tuple(forward.shape) == tuple(resampled.shape)
+    back = torch.zeros(original.shape[1:], dtype=torch.bool)
+    NetworkGrid(original.affine, original.shape[1:], forward.affine, forward.shape[1:]).paste(
+        forward[0] > 0.5, [(0, n) for n in forward.shape[1:]], back
+    )
+    inverted = exact.inverse({"image": forward})["image"][0] > 0.5
+    assert torch.equal(back, torch.as_tensor(inverted))

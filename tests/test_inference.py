@@ -16,11 +16,12 @@ import pytest
 import torch
 from conftest import REPO_ROOT, randomize_
 from monai.bundle import ConfigWorkflow
+from monai.data import MetaTensor
 from scipy import ndimage
 
 from custom.data import CaseList
-from custom.inferer import PromptedWindowInferer
 from custom.networks import build_sam_med3d
+from custom.predictor import VolumetricPredictor
 from custom.transforms import extract_window, normalize_crop
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
@@ -209,9 +210,8 @@ def test_click_memory_and_mask_prompt_order():
             calls.append((point_coords[0].tolist(), point_labels[0].tolist(), mask_input is None))
             return super().decode(embedding, point_coords, point_labels, mask_input)
 
-    image = torch.full((1, 1, 20, 20, 20), 100.0)
-    coords = torch.tensor([[[[10.0, 10, 10], [12.0, 10, 10], [5.0, 5, 5]]]])
-    labels = torch.tensor([[[1, 0, 1]]])
+    image = MetaTensor(torch.full((1, 20, 20, 20), 100.0), affine=torch.diag(torch.tensor([1.5, 1.5, 1.5, 1.0])))
+    clicks = [([10.0, 10, 10], True), ([12.0, 10, 10], False), ([5.0, 5, 5], True)]
     for memory, expected in (
         (
             "all",
@@ -224,9 +224,12 @@ def test_click_memory_and_mask_prompt_order():
         ("newest", [([[16.0, 16, 16]], [1], True), ([[18.0, 16, 16]], [0], False), ([[11.0, 11, 11]], [1], False)]),
     ):
         calls.clear()
-        PromptedWindowInferer(roi_size=32, click_memory=memory, intensity_normalization=None)(
-            image, Recorder(), coords, labels
+        predictor = VolumetricPredictor(
+            Recorder(), spacing_mm=1.5, roi_size=32, click_memory=memory, intensity_normalization=None
         )
+        predictor.set_image(image)
+        for point, positive in clicks:
+            predictor.add_click("object", point, positive)
         assert calls == expected
 
 

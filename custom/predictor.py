@@ -1,0 +1,434 @@
+"""The volumetric predictor: set an image once, add clicks to objects, read each object's mask on the stored grid.
+
+As ``SamPredictor`` does for 2D SAM, the image is prepared once (oriented to RAS, resampled to the network's
+spacing, clamped by modality) and every prompt afterwards costs only what it changes:
+
+- a click runs one prompt step (one ``decode``) in each window of its object that holds it, starting from that
+  window's saved low-res logits (a click outside every window opens one centred on it);
+- where the prediction reaches a window face inside the image, a window shifted by ``stride`` is added with a
+  positive click at the deepest predicted voxel inside it, until the object is closed or ``max_windows`` are
+  used; windows are blended with a Gaussian importance map;
+- window embeddings are kept in a cache of bounded size, shared by the objects;
+- the object's mask on the stored grid is updated only over the boxes of the windows that changed.
+
+Coordinates: clicks are voxel indices of the stored grid (array order, as on disk) or world coordinates (the
+image affine's space, RAS mm for MONAI-loaded images); windows and logits live on the network grid.
+
+The network needs ``encode(crop) -> embedding``, ``decode(embedding, coords, labels, mask_input) ->
+(low-res logits, iou)`` and ``img_size``; see :class:`custom.networks.SamMed3D`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.data.utils import compute_importance_map
+from monai.transforms import EnsureChannelFirst, LoadImage, Orientation
+
+from .networks.sam_med3d import LOW_RES_UPSCALE, upsample_logits
+from .precision import autocast, check_autocast_dtype
+from .prompts import CLICK_MEMORIES, check_click_memory, deepest_point, prompt_clicks
+from .spacing import AxisAlignedSpacingd, NetworkGrid
+from .transforms import extract_window, normalize_crop
+
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+@dataclass
+class _Window:
+    start: tuple[int, int, int]
+    clicks: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # window-local coords, label
+    low_res: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (S, S, S) float32
+
+
+@dataclass
+class _Object:
+    mask: torch.Tensor  # stored grid, bool
+    windows: dict[tuple[int, int, int], _Window] = field(default_factory=dict)
+    prior: torch.Tensor | None = None  # an earlier mask on the network grid (bool)
+    prior_box: list[tuple[int, int]] | None = None  # its bounding box on the stored grid
+    clicks: int = 0
+    prompt_steps: int = 0
+    ignored_clicks: int = 0
+    encoded: int = 0
+    seconds: float = 0.0
+
+
+class VolumetricPredictor:
+    """Interactive segmentation of one volume at a time (see the module docstring).
+
+    Args:
+        network: the promptable network (in eval mode while predicting).
+        spacing_mm: the network grid's voxel size, one per axis or one for all.
+        roi_size: window side (voxels); None takes the network's ``img_size``.
+        stride: shift of a growth window (voxels); default half the window.
+        max_windows: windows per object at most.
+        click_memory: ``"newest"`` (each step gets the newest click and the previous logits, as training does)
+            or ``"all"`` (every click of the window so far).
+        reuse_margin: how far inside a cached window an object's first click must be for its embedding to be
+            reused instead of a window centred on the click.
+        autocast_dtype: ``"bfloat16"``, ``"float16"`` or None.
+        sigma_scale: of the Gaussian blending map, relative to the window.
+        intensity_normalization: applied to each window before encoding (default :func:`normalize_crop`, as
+            upstream); None passes the resampled intensities.
+        intensity_clamp_by_modality: modality -> (low, high), applied after resampling (``{"CT": (-1000, 1000)}``
+            as in training).
+        prev_mask_logit: magnitude of the logits that an earlier mask (:meth:`set_mask`) stands for as a prompt.
+        max_cached_embeddings: window embeddings kept at most (least recently used dropped first).
+        max_grid_voxels: the largest network grid :meth:`set_image` allocates; a larger one is refused with the
+            grid, the spacing and the memory it would need.
+        device: where the network runs (default: where its parameters are).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        spacing_mm: Sequence[float] | float = 1.5,
+        roi_size: int | None = None,
+        stride: int | None = None,
+        max_windows: int = 8,
+        click_memory: str = "newest",
+        reuse_margin: int = 16,
+        autocast_dtype: str | None = None,
+        sigma_scale: float = 0.125,
+        intensity_normalization: Callable[[torch.Tensor], torch.Tensor] | None = normalize_crop,
+        intensity_clamp_by_modality: Mapping[str, Sequence[float]] | None = None,
+        prev_mask_logit: float = 4.0,
+        max_cached_embeddings: int = 32,
+        max_grid_voxels: int = 2**28,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        if max_cached_embeddings < 1:
+            raise ValueError(f"max_cached_embeddings must be >= 1, got {max_cached_embeddings}")
+        self.network = network
+        self.spacing_mm = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing_mm, float), 3))
+        self.size = int(roi_size or network.img_size)
+        self.stride = int(stride or self.size // 2)
+        self.max_windows = max_windows
+        self.click_memory = check_click_memory(click_memory)
+        self.reuse_margin = reuse_margin
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
+        self.intensity_normalization = intensity_normalization
+        self.clamp_ranges = {k.upper(): tuple(v) for k, v in (intensity_clamp_by_modality or {}).items()}
+        self.prev_mask_logit = prev_mask_logit
+        self.max_cached_embeddings = max_cached_embeddings
+        self.max_grid_voxels = int(max_grid_voxels)
+        self.device = torch.device(device) if device is not None else next(network.parameters(), torch.zeros(0)).device
+        self.importance = compute_importance_map((self.size,) * 3, mode="gaussian", sigma_scale=sigma_scale)
+        self.image: torch.Tensor | None = None
+        self.grid: NetworkGrid | None = None
+        self.embeddings: OrderedDict[tuple[int, int, int], torch.Tensor] = OrderedDict()
+        self.objects: dict[Any, _Object] = {}
+        self.embeddings_computed = 0
+
+    # ----------------------------------------------------------------------------------------------- image
+
+    def set_image(self, image: str | MetaTensor, modality: str = "") -> NetworkGrid:
+        """Prepare a volume: a path (NIfTI, NRRD/MHA, DICOM folder) or a channel-first ``(1, D, H, W)``
+        MetaTensor with its affine. Forgets every object and cached embedding of the previous image.
+
+        Returns:
+            the :class:`~custom.spacing.NetworkGrid` between the stored grid and the network's.
+
+        Raises:
+            ValueError: not a single-channel 3D volume, or a network grid above ``max_grid_voxels``.
+        """
+        if isinstance(image, str):
+            image = EnsureChannelFirst()(LoadImage(image_only=True)(image))
+        if not isinstance(image, MetaTensor) or image.ndim != 4 or image.shape[0] != 1:
+            shape = tuple(getattr(image, "shape", ()))
+            raise ValueError(f"set_image expects a single-channel 3D MetaTensor (1, D, H, W), got shape {shape}")
+        oriented = Orientation(axcodes="RAS", labels=None)(image)
+        resample = AxisAlignedSpacingd("image", self.spacing_mm, mode="bilinear")
+        network_affine, network_shape = resample.target_grid(oriented)
+        voxels = int(np.prod(network_shape))
+        if voxels > self.max_grid_voxels:
+            source = image.meta.get("filename_or_obj", "the image")
+            raise ValueError(
+                f"{source}: resampling its {tuple(image.shape[1:])} voxels of "
+                f"{np.round(np.sqrt((image.affine.numpy()[:3, :3] ** 2).sum(0)), 3).tolist()} mm to "
+                f"{list(self.spacing_mm)} mm makes a {tuple(network_shape)} grid ({voxels:,} voxels, "
+                f"{voxels * 4 / 2**30:.1f} GiB as float32), above max_grid_voxels={self.max_grid_voxels:,}; "
+                "check the header's voxel size, or raise the limit"
+            )
+        resampled = resample({"image": oriented})["image"]
+        values = resampled.as_tensor()[0].float()
+        bounds = self.clamp_ranges.get(str(modality).upper())
+        if bounds is not None:
+            values = values.clamp(*bounds)
+        self.image = values
+        self.grid = NetworkGrid(image.affine, image.shape[1:], resampled.affine, resampled.shape[1:])
+        self.embeddings.clear()
+        self.objects.clear()
+        self.embeddings_computed = 0
+        return self.grid
+
+    def _require_image(self) -> NetworkGrid:
+        if self.grid is None:
+            raise RuntimeError("no image: call set_image first")
+        return self.grid
+
+    # --------------------------------------------------------------------------------------------- objects
+
+    def _object(self, key: Any) -> _Object:
+        grid = self._require_image()
+        if key not in self.objects:
+            self.objects[key] = _Object(mask=torch.zeros(grid.stored_shape, dtype=torch.bool))
+        return self.objects[key]
+
+    def reset(self, key: Any = None) -> None:
+        """Forget one object's clicks and mask (``key``), or every object's (None); embeddings stay."""
+        if key is None:
+            self.objects.clear()
+        else:
+            self.objects.pop(key, None)
+
+    def mask(self, key: Any) -> torch.Tensor:
+        """The object's current mask on the stored grid, ``(D, H, W)`` bool (empty before any click)."""
+        return self._object(key).mask
+
+    def label_map(self, keys_and_labels: Sequence[tuple[Any, int]]) -> torch.Tensor:
+        """The objects' masks as one ``(D, H, W)`` int16 label map; later objects overwrite earlier ones."""
+        out = torch.zeros(self._require_image().stored_shape, dtype=torch.int16)
+        for key, label in keys_and_labels:
+            out[self.mask(key)] = int(label)
+        return out
+
+    def set_mask(self, key: Any, mask: torch.Tensor) -> None:
+        """Continue from an earlier mask of an object, ``(D, H, W)`` on the stored grid: it is the object's mask
+        where no window reaches, the first mask prompt of every window, and the source of a positive click for a
+        window that holds none."""
+        grid = self._require_image()
+        mask = (mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(mask)).bool()
+        if tuple(mask.shape) != grid.stored_shape:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the image's {grid.stored_shape}")
+        obj = self._object(key)
+        obj.mask = mask.clone()
+        present = [torch.nonzero(mask.any(dim=tuple(b for b in range(3) if b != a)))[:, 0] for a in range(3)]
+        obj.prior_box = [(int(p[0]), int(p[-1]) + 1) for p in present] if mask.any() else None
+        meta = MetaTensor(mask[None].to(torch.uint8), affine=torch.as_tensor(grid.stored_affine))
+        oriented = Orientation(axcodes="RAS", labels=None)(meta)
+        resampled = AxisAlignedSpacingd("mask", self.spacing_mm, mode="nearest")({"mask": oriented})["mask"]
+        obj.prior = resampled.as_tensor()[0] > 0
+
+    def extent(self, key: Any) -> tuple[slice, slice, slice] | None:
+        """A box of the stored grid outside which the object's mask is empty (its windows' boxes and its earlier
+        mask's); None while it has neither."""
+        obj = self._object(key)
+        boxes = [self.grid.stored_box(self._window_box(start)) for start in obj.windows]
+        boxes = [box for box in boxes if box is not None] + ([obj.prior_box] if obj.prior_box else [])
+        if not boxes:
+            return None
+        return tuple(slice(min(b[a][0] for b in boxes), max(b[a][1] for b in boxes)) for a in range(3))
+
+    def report(self, key: Any) -> dict[str, Any]:
+        """What the predictor did for an object: windows (starts on the network grid), embeddings computed,
+        clicks, prompt steps and seconds spent."""
+        obj = self._object(key)
+        return {
+            "windows": [list(start) for start in obj.windows],
+            "windows_encoded": obj.encoded,
+            "clicks": obj.clicks,
+            "prompt_steps": obj.prompt_steps,
+            "ignored_clicks": obj.ignored_clicks,
+            "seconds": round(obj.seconds, 4),
+        }
+
+    # ---------------------------------------------------------------------------------------------- clicks
+
+    def add_click(self, key: Any, point: Sequence[float], positive: bool, space: str = "voxel") -> torch.Tensor:
+        """One click on an object: voxel indices of the stored grid (``space="voxel"``) or world coordinates
+        (``"world"``). Returns the object's updated mask on the stored grid (see :meth:`mask`).
+
+        Raises:
+            ValueError: the point lies outside the image.
+        """
+        started = time.perf_counter()
+        grid = self._require_image()
+        if space not in ("voxel", "world"):
+            raise ValueError(f"space must be 'voxel' or 'world', got {space!r}")
+        stored = np.asarray(point, np.float64).reshape(1, 3)
+        if space == "world":
+            stored = grid.world_to_stored(stored)
+        shape = np.asarray(grid.stored_shape)
+        if np.any(stored < -0.5) or np.any(stored > shape - 0.5):
+            raise ValueError(
+                f"point {list(point)} ({space}) is outside the image (voxel {np.round(stored[0], 2).tolist()}, "
+                f"image shape {shape.tolist()})"
+            )
+        obj = self._object(key)
+        obj.clicks += 1
+        changed = self._apply_click(obj, grid.stored_to_network(stored)[0], int(bool(positive)))
+        self._paste(obj, changed)
+        obj.seconds += time.perf_counter() - started
+        return obj.mask
+
+    def _inside(self, point: torch.Tensor, start: Sequence[int], margin: int = 0) -> bool:
+        return all(s + margin <= float(p) < s + self.size - margin for p, s in zip(point, start))
+
+    def _centred(self, point: torch.Tensor) -> tuple[int, int, int]:
+        return tuple(int(round(float(p))) - self.size // 2 for p in point)
+
+    def _apply_click(self, obj: _Object, point: torch.Tensor, label: int) -> list[tuple[int, int, int]]:
+        """The prompt steps of one click (network-grid coordinates), then growth; returns the changed windows."""
+        affected = [start for start in obj.windows if self._inside(point, start)]
+        if not affected and len(obj.windows) >= self.max_windows:
+            obj.ignored_clicks += 1  # outside the object's windows, and no window left to open
+            return []
+        if not affected:
+            if not obj.windows:  # an object's first window may reuse a cached embedding
+                start = next((s for s in self.embeddings if self._inside(point, s, self.reuse_margin)), None)
+                start = start or self._centred(point)
+            else:
+                start = self._centred(point)
+            window = _Window(start)
+            if label == 0:  # a negative click in a new window: only an earlier mask gives it something to correct
+                pseudo = self._pseudo_click(obj, start)
+                if pseudo is None:
+                    obj.ignored_clicks += 1
+                    return []
+                window.clicks.append((pseudo, 1))
+            obj.windows[start] = window
+            affected = [start]
+        for start in affected:
+            window = obj.windows[start]
+            window.clicks.append((point - torch.tensor(start, dtype=torch.float32), label))
+            self._prompt_step(obj, window)
+        return affected + self._grow(obj, affected)
+
+    def _pseudo_click(self, obj: _Object, start: Sequence[int]) -> torch.Tensor | None:
+        """The deepest voxel of the object's current prediction (or earlier mask) inside a window, window-local."""
+        region = self._blend(obj, self._window_box(start)) if obj.windows else None
+        if region is not None:
+            logits, weights = region
+            pseudo = deepest_point(_pad_to_window(logits > 0, self._window_box(start), start, self.size))
+            if pseudo is not None:
+                return pseudo
+        if obj.prior is not None:
+            return deepest_point(extract_window(obj.prior[None], start, self.size)[0])
+        return None
+
+    def _grow(self, obj: _Object, changed: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """Windows next to each face of a changed window that its prediction touches inside the image."""
+        queue, added = list(changed), []
+        while queue and len(obj.windows) < self.max_windows:
+            start = queue.pop(0)
+            for neighbour in self._growth_targets(obj.windows[start].logits, start):
+                if neighbour in obj.windows or len(obj.windows) >= self.max_windows:
+                    continue
+                pseudo = self._pseudo_click(obj, neighbour)
+                if pseudo is None:
+                    continue
+                window = _Window(neighbour, clicks=[(pseudo, 1)])
+                obj.windows[neighbour] = window
+                self._prompt_step(obj, window)
+                queue.append(neighbour)
+                added.append(neighbour)
+        return added
+
+    def _growth_targets(self, logits: torch.Tensor, start: Sequence[int]) -> list[tuple[int, int, int]]:
+        spatial = self.image.shape
+        inside = [slice(max(-s, 0), min(extent - s, self.size)) for s, extent in zip(start, spatial)]
+        foreground = torch.zeros_like(logits, dtype=torch.bool)
+        foreground[tuple(inside)] = logits[tuple(inside)] > 0
+        targets = []
+        for axis in range(3):
+            for side, face in ((-1, inside[axis].start), (1, inside[axis].stop - 1)):
+                at_border = (start[axis] + face <= 0) if side < 0 else (start[axis] + face >= spatial[axis] - 1)
+                if at_border or not foreground.select(axis, face).any():
+                    continue
+                shifted = list(start)
+                shifted[axis] += side * self.stride
+                targets.append(tuple(shifted))
+        return targets
+
+    def _embedding(self, obj: _Object, start: tuple[int, int, int]) -> torch.Tensor:
+        if start in self.embeddings:
+            self.embeddings.move_to_end(start)
+            return self.embeddings[start]
+        crop = extract_window(self.image[None], start, self.size)
+        if self.intensity_normalization is not None:
+            crop = self.intensity_normalization(crop)
+        with torch.no_grad(), autocast(self.device, self.autocast_dtype):
+            embedding = self.network.encode(crop[None].to(self.device))
+        self.embeddings[start] = embedding
+        while len(self.embeddings) > self.max_cached_embeddings:
+            self.embeddings.popitem(last=False)
+        obj.encoded += 1
+        self.embeddings_computed += 1
+        return embedding
+
+    def _prompt_step(self, obj: _Object, window: _Window) -> None:
+        embedding = self._embedding(obj, window.start)
+        mask_input = window.low_res
+        if mask_input is None and obj.prior is not None:
+            prior = extract_window(obj.prior[None], window.start, self.size)
+            if prior.any():
+                size = [LOW_RES_UPSCALE * g for g in embedding.shape[2:]]
+                fraction = F.interpolate(prior[None].float(), size=size, mode="area")
+                mask_input = ((2 * fraction - 1) * self.prev_mask_logit).to(self.device)
+        coords, labels = prompt_clicks(window.clicks, self.click_memory)
+        with torch.no_grad(), autocast(self.device, self.autocast_dtype):
+            low_res, _ = self.network.decode(
+                embedding, coords[None].to(self.device), labels[None].to(self.device), mask_input
+            )
+        obj.prompt_steps += 1
+        window.low_res = low_res
+        window.logits = upsample_logits(low_res.float(), (self.size,) * 3)[0, 0].cpu()
+
+    # ---------------------------------------------------------------------------------- blending, paste-back
+
+    def _window_box(self, start: Sequence[int]) -> Box:
+        """The part of a window inside the network grid, ``[lo, hi)`` per axis."""
+        return tuple((max(s, 0), min(s + self.size, n)) for s, n in zip(start, self.image.shape))  # type: ignore
+
+    def _blend(self, obj: _Object, box: Box) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Blended logits and summed weights of the object's windows over ``box``; None if the box is empty."""
+        if any(hi <= lo for lo, hi in box):
+            return None
+        logit_sum = torch.zeros([hi - lo for lo, hi in box])
+        weight_sum = torch.zeros_like(logit_sum)
+        for start, window in obj.windows.items():
+            if window.logits is None:
+                continue
+            dst, src = [], []
+            for (lo, hi), s in zip(box, start):
+                a, b = max(lo, s), min(hi, s + self.size)
+                if b <= a:
+                    break
+                dst.append(slice(a - lo, b - lo))
+                src.append(slice(a - s, b - s))
+            else:
+                weights = self.importance[tuple(src)]
+                logit_sum[tuple(dst)] += weights * window.logits[tuple(src)]
+                weight_sum[tuple(dst)] += weights
+        return logit_sum / weight_sum.clamp_min(1e-12), weight_sum  # 0 where no window reaches
+
+    def _paste(self, obj: _Object, changed: Sequence[tuple[int, int, int]]) -> None:
+        """Update the stored-grid mask over the boxes of the changed windows."""
+        for start in dict.fromkeys(changed):
+            box = self._window_box(start)
+            blended = self._blend(obj, box)
+            if blended is not None:
+                self.grid.paste(blended[0] > 0, box, obj.mask)
+
+
+def _pad_to_window(region: torch.Tensor, box: Box, start: Sequence[int], size: int) -> torch.Tensor:
+    """A region over ``box`` placed in a ``size^3`` window starting at ``start`` (zeros elsewhere)."""
+    out = torch.zeros((size,) * 3, dtype=region.dtype)
+    out[tuple(slice(lo - s, hi - s) for (lo, hi), s in zip(box, start))] = region
+    return out
+
+
+__all__ = ["CLICK_MEMORIES", "VolumetricPredictor"]
