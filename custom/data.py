@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,56 @@ class CaseError(ValueError):
     """A case that cannot be segmented as given; the message names the case and the value."""
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str) -> str:
+    """``name`` as one path component that stays inside its folder: letters, digits, ``.``, ``_`` and ``-``,
+    no leading dot (so never ``.`` or ``..``); ``"case"`` if nothing is left."""
+    return _UNSAFE.sub("_", str(name)).lstrip(".") or "case"
+
+
 def case_name(image_path: str | os.PathLike) -> str:
-    """File name without its image extension (a DICOM folder: the folder's name)."""
-    name = Path(str(image_path).rstrip("/\\")).name
+    """The image's file name without its extension (a DICOM folder: the folder's name), after ``..`` and
+    ``.`` are resolved, made safe as a file name (:func:`safe_name`)."""
+    name = Path(os.path.abspath(str(image_path))).name
     for suffix in _NIFTI_SUFFIXES:
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+            name = name[: -len(suffix)]
+            break
+    return safe_name(name)
+
+
+def unique_case_names(images: Sequence[str | os.PathLike], given: Sequence[str | None] | None = None) -> list[str]:
+    """One distinct output name per case: ``given[i]`` where an entry names itself (``"case"``), else
+    :func:`case_name`; names that collide (``a/ct.nii.gz`` and ``b/ct.nii.gz``) are prefixed with as many of
+    their folders' names as it takes (``a_ct``, ``b_ct``), then numbered."""
+    paths = [Path(os.path.abspath(str(p))) for p in images]
+    given = list(given) if given is not None else [None] * len(paths)
+    names = [safe_name(g) if g else case_name(p) for p, g in zip(paths, given)]
+    for depth in range(1, 1 + max((len(p.parts) for p in paths), default=1)):
+        owners: dict[str, set[Path]] = {}
+        for name, path in zip(names, paths):
+            owners.setdefault(name, set()).add(path)
+        clashing = [i for i, name in enumerate(names) if len(owners[name]) > 1 and not given[i]]
+        if not clashing:
+            break
+        for i in clashing:
+            folders = [safe_name(part) for part in paths[i].parent.parts[-depth:] if part not in ("/", "\\")]
+            names[i] = "_".join([*folders, case_name(paths[i])])
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):  # the same file listed twice
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[i] = f"{name}_{seen[name]}"
+    return names
+
+
+def check_label(case: str, what: str, label: Any) -> int:
+    """An object's label value: an integer in 1..32767 (the output is int16), else a CaseError naming it."""
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 1 <= int(label) <= 32767:
+        raise CaseError(f"case {case!r}, {what}: 'label' must be an integer in 1..32767, got {label!r}")
+    return int(label)
 
 
 def _check_point_list(
@@ -89,22 +133,35 @@ def _parse_object(
     return parsed
 
 
-def parse_case(entry: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Validate one case and bring it to the normalised form (see the module docstring).
-
-    Args:
-        entry: the user's dict.
-        base_dir: folder that relative image paths are relative to (default: the working directory).
+def entry_image(entry: Any, base_dir: str | os.PathLike | None = None) -> Path:
+    """The image path of a datalist entry (relative paths start at ``base_dir``), ``..`` resolved.
 
     Raises:
-        CaseError: naming the case and the offending value.
+        CaseError: the entry is not a dict with an ``image``.
     """
     if not isinstance(entry, Mapping) or "image" not in entry:
         raise CaseError(f"a case must be a dict with an 'image' path, got {entry!r}")
     image = Path(str(entry["image"])).expanduser()
     if base_dir is not None and not image.is_absolute():
         image = Path(base_dir) / image
-    case = case_name(image)
+    return Path(os.path.abspath(image))
+
+
+def parse_case(
+    entry: Mapping[str, Any], base_dir: str | os.PathLike | None = None, case: str | None = None
+) -> dict[str, Any]:
+    """Validate one case and bring it to the normalised form (see the module docstring).
+
+    Args:
+        entry: the user's dict.
+        base_dir: folder that relative image paths are relative to (default: the working directory).
+        case: the case's output name (default: :func:`case_name` of the image, or the entry's ``"case"``).
+
+    Raises:
+        CaseError: naming the case and the offending value.
+    """
+    image = entry_image(entry, base_dir)
+    case = case or (safe_name(entry["case"]) if entry.get("case") else case_name(image))
     if not image.exists():
         raise CaseError(f"case {case!r}: image {str(image)!r} does not exist")
     # continuing from an earlier result, negative clicks alone are a valid refinement
@@ -117,15 +174,16 @@ def parse_case(entry: Mapping[str, Any], base_dir: str | os.PathLike | None = No
             raise CaseError(f"case {case!r}: 'objects' must be a non-empty list, got {objects!r}")
         parsed = []
         for i, obj in enumerate(objects):
-            label = obj.get("label", i + 1) if isinstance(obj, Mapping) else None
-            if not isinstance(label, int) or isinstance(label, bool) or not 1 <= label <= 32767:
-                raise CaseError(f"case {case!r}, object {i}: 'label' must be an integer in 1..32767, got {label!r}")
+            if not isinstance(obj, Mapping):
+                raise CaseError(f"case {case!r}, object {i}: expected a dict with 'points', got {obj!r}")
+            label = check_label(case, f"object {i}", obj.get("label", i + 1))
             parsed.append(_parse_object(case, obj, label, f"object {i} (label {label})", need_positive))
         labels = [obj["label"] for obj in parsed]
         if len(set(labels)) != len(labels):
             raise CaseError(f"case {case!r}: object labels must be distinct, got {labels}")
     else:
-        parsed = [_parse_object(case, entry, int(entry.get("label", 1)), "object 0 (label 1)", need_positive)]
+        label = check_label(case, "object 0", entry.get("label", 1))
+        parsed = [_parse_object(case, entry, label, f"object 0 (label {label})", need_positive)]
     normalised = {"image": str(image), "case": case, "objects": parsed, "modality": str(entry.get("modality", ""))}
     if entry.get("prev_mask"):
         prev = Path(str(entry["prev_mask"])).expanduser()
@@ -185,9 +243,18 @@ class CaseList:
             raise ValueError("nothing to segment: give --input_dict or --datalist")
         self.cases: list[dict[str, Any]] = []
         self.failures: list[str] = []
+        images: list[Path | None] = []
         for entry, folder in entries:
             try:
-                self.cases.append(parse_case(entry, folder))
+                images.append(entry_image(entry, folder))
+            except CaseError as err:
+                images.append(None)
+                self.report_failure(str(err))
+        named = [(entry, folder, image) for (entry, folder), image in zip(entries, images) if image is not None]
+        given = [entry.get("case") for entry, _, _ in named]
+        for (entry, folder, _), case in zip(named, unique_case_names([i for _, _, i in named], given)):
+            try:
+                self.cases.append(parse_case(entry, folder, case))
             except CaseError as err:
                 self.report_failure(str(err))
 
@@ -292,8 +359,8 @@ def check_labelled_entries(
 
     reader = LoadImage(image_only=True)
     problems, checked = [], []
-    for entry in entries:
-        case = case_name(entry.get("image", "?"))
+    names = unique_case_names([e.get("image", "?") for e in entries], [e.get("case") for e in entries])
+    for entry, case in zip(entries, names):
         missing = [k for k in ("image", "label") if k not in entry or not Path(entry[k]).exists()]
         if missing:
             problems.append(f"{case}: {', '.join(f'{k} {entry.get(k)!r}' for k in missing)} does not exist")
@@ -379,6 +446,7 @@ def image_case_list(
         raise ValueError("nothing to segment: give --input_dict or --datalist")
     cases = CaseList.__new__(CaseList)
     cases.cases, cases.failures = [], []
+    valid = []
     for entry, folder, default_modality in entries:
         if not isinstance(entry, Mapping) or "image" not in entry:
             cases.report_failure(f"a case must be a dict with an 'image' path, got {entry!r}")
@@ -387,8 +455,10 @@ def image_case_list(
         for key in ("image", "label"):
             if key in entry:
                 path = Path(str(entry[key])).expanduser()
-                paths[key] = folder / path if folder is not None and not path.is_absolute() else path
-        case = case_name(paths["image"])
+                paths[key] = Path(os.path.abspath(folder / path if folder is not None else path))
+        valid.append((entry, default_modality, paths))
+    names = unique_case_names([p["image"] for _, _, p in valid], [e.get("case") for e, _, _ in valid])
+    for (entry, default_modality, paths), case in zip(valid, names):
         problems = [f"{k} {str(p)!r} does not exist" for k, p in paths.items() if not p.exists()]
         if require_label and "label" not in paths:
             problems.append("no 'label' entry (evaluation needs the reference segmentation)")

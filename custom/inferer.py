@@ -16,7 +16,7 @@ from torch import nn
 from .precision import autocast, check_autocast_dtype
 from .predictor import VolumetricPredictor
 from .prompts import check_click_memory
-from .transforms import PROMPT_REPORT, normalize_crop
+from .transforms import PROMPT_FAILED, PROMPT_REPORT, normalize_crop
 
 
 class PromptedInferer(Inferer):
@@ -28,6 +28,9 @@ class PromptedInferer(Inferer):
         roi_size, stride, max_windows, click_memory, reuse_margin, autocast_dtype, sigma_scale,
         intensity_normalization, intensity_clamp_by_modality, prev_mask_logit, max_cached_embeddings,
         max_grid_voxels: see :class:`~custom.predictor.VolumetricPredictor`.
+        failures: an object with ``report_failure(message)`` (the run's case list): a volume that fails is
+            reported there, flagged in its prediction's metadata (``prompt_failed``, so that nothing is saved
+            for it) and the others go on; None: the error propagates.
     """
 
     def __init__(
@@ -45,8 +48,10 @@ class PromptedInferer(Inferer):
         prev_mask_logit: float = 4.0,
         max_cached_embeddings: int = 32,
         max_grid_voxels: int = 2**28,
+        failures: Any = None,
     ) -> None:
         super().__init__()
+        self.failures = failures
         if max_windows < 1:
             raise ValueError(f"max_windows must be >= 1, got {max_windows}")
         self.settings = dict(
@@ -79,6 +84,7 @@ class PromptedInferer(Inferer):
         object_labels: torch.Tensor | None = None,
         prev_mask: torch.Tensor | None = None,
         modality: Sequence[str] | str | None = None,
+        case: Sequence[str] | str | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Label maps on the stored grid for a batch of volumes.
@@ -92,44 +98,80 @@ class PromptedInferer(Inferer):
             prev_mask: ``(B, 1, D, H, W)`` an earlier label map to continue from (an empty tensor or None:
                 none): each object continues from its own label's region.
             modality: per volume (chooses the intensity clamping).
+            case: per volume, the name failures are reported under.
 
         Returns:
             ``(B, 1, D, H, W)`` int16 label maps (later objects overwrite earlier ones), a MetaTensor with the
-            input's metadata and, under ``prompt_report``, one JSON report per volume.
+            input's metadata and, under ``prompt_report``, one JSON report per volume (``prompt_failed``: which
+            volumes failed).
         """
         if not isinstance(inputs, MetaTensor):
             raise TypeError("PromptedInferer needs the images as MetaTensors (their affines define the grids)")
         batch = inputs.shape[0]
         if object_labels is None:
             object_labels = torch.arange(1, point_coords.shape[1] + 1).expand(batch, -1)
-        modalities = [modality] * batch if modality is None or isinstance(modality, str) else list(modality)
+        per_volume = [
+            [value] * batch if value is None or isinstance(value, str) else list(value) for value in (modality, case)
+        ]
         affines = inputs.affine if inputs.affine.ndim == 3 else inputs.affine[None].expand(batch, -1, -1)
+        names = inputs.meta.get("filename_or_obj")
         predictor = self.predictor(network)
-        outputs, reports = [], []
+        outputs, reports, failed = [], [], []
         network.eval()
         for b in range(batch):
-            names = inputs.meta.get("filename_or_obj")
             name = names[b] if isinstance(names, (list, tuple)) else names
             image = MetaTensor(inputs[b].as_tensor(), affine=affines[b], meta={"filename_or_obj": name or "<image>"})
-            predictor.set_image(image, modality=str(modalities[b] or ""))
-            order = []
-            for index, label in enumerate(object_labels[b].tolist()):
-                if prev_mask is not None and prev_mask.numel() > 0:
-                    earlier = torch.as_tensor(prev_mask[b, 0]) == label
-                    if earlier.any():
-                        predictor.set_mask(index, earlier)
-                valid = point_labels[b, index] >= 0
-                for point, positive in zip(point_coords[b, index][valid].tolist(), point_labels[b, index][valid]):
-                    predictor.add_click(index, point, bool(positive))
-                order.append((index, int(label)))
-            outputs.append(predictor.label_map(order)[None])
-            report = {"objects": [predictor.report(index) for index, _ in order]}
-            report["embeddings_computed"] = predictor.embeddings_computed
+            try:
+                label_map, report = self._segment(
+                    predictor,
+                    image,
+                    b,
+                    point_coords,
+                    point_labels,
+                    object_labels,
+                    prev_mask,
+                    str(per_volume[0][b] or ""),
+                )
+            except Exception as err:  # one bad case must not stop the others
+                if self.failures is None:
+                    raise
+                self.failures.report_failure(f"case {per_volume[1][b] or name!r}: {type(err).__name__}: {err}")
+                label_map, report = torch.zeros((1, *inputs.shape[2:]), dtype=torch.int16), {"failed": str(err)}
+            failed.append("failed" in report)
+            outputs.append(label_map)
             reports.append(json.dumps(report))
         result = MetaTensor(torch.stack(outputs), meta=dict(inputs.meta))
         result.is_batch = inputs.is_batch
         result.meta[PROMPT_REPORT] = reports
+        result.meta[PROMPT_FAILED] = failed
         return result
+
+    @staticmethod
+    def _segment(
+        predictor: VolumetricPredictor,
+        image: MetaTensor,
+        b: int,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        object_labels: torch.Tensor,
+        prev_mask: torch.Tensor | None,
+        modality: str,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One volume's objects through the predictor: its ``(1, D, H, W)`` label map and report."""
+        predictor.set_image(image, modality=modality)
+        order = []
+        for index, label in enumerate(object_labels[b].tolist()):
+            if prev_mask is not None and prev_mask.numel() > 0:
+                earlier = torch.as_tensor(prev_mask[b, 0]) == label
+                if earlier.any():
+                    predictor.set_mask(index, earlier)
+            valid = point_labels[b, index] >= 0
+            for point, positive in zip(point_coords[b, index][valid].tolist(), point_labels[b, index][valid]):
+                predictor.add_click(index, point, bool(positive))
+            order.append((index, int(label)))
+        report: dict[str, Any] = {"objects": [predictor.report(index) for index, _ in order]}
+        report["embeddings_computed"] = predictor.embeddings_computed
+        return predictor.label_map(order)[None], report
 
 
 class AutocastInferer(Inferer):

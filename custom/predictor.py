@@ -384,6 +384,11 @@ class VolumetricPredictor:
                 embedding, coords[None].to(self.device), labels[None].to(self.device), mask_input
             )
         obj.prompt_steps += 1
+        if not torch.isfinite(low_res).all():
+            raise ValueError(
+                f"the network returned NaN or infinite logits in the window at {list(window.start)} (network grid): "
+                "are its weights finite, and is the image?"
+            )
         window.low_res = low_res
         window.logits = upsample_logits(low_res.float(), (self.size,) * 3)[0, 0].cpu()
 

@@ -12,18 +12,21 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor, NibabelWriter
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
-from .data import CaseError, case_name
+from .data import CaseError, case_name, safe_name
 from .files import write_atomic, write_text_atomic
 
 #: keys the pre-processing adds for the inferer (``PrepareBatchExtraInput`` passes them on).
 POINT_COORDS, POINT_LABELS, OBJECT_LABELS = "point_coords", "point_labels", "object_labels"
 PROMPT_REQUEST, PROMPT_REPORT = "prompt_request", "prompt_report"
+#: set in a prediction's metadata when the inferer reported its case as failed (nothing is saved for it)
+PROMPT_FAILED = "prompt_failed"
 
 
 def normalize_crop(crop: torch.Tensor) -> torch.Tensor:
@@ -60,7 +63,9 @@ def _source_name(image: Any) -> str:
 
 
 class EnsureVolumed(MapTransform):
-    """Require a single-channel 3D volume ``(1, D, H, W)`` (after ``EnsureChannelFirstd``)."""
+    """Require a single-channel 3D volume ``(1, D, H, W)`` (after ``EnsureChannelFirstd``) with finite values
+    that are not all the same: a NaN or Inf voxel would silently empty the prediction of every window it
+    falls in, and a constant image holds nothing to segment."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -73,6 +78,17 @@ class EnsureVolumed(MapTransform):
                     f"{_source_name(image)}: expected a 3D single-channel image, got a {kind} image of shape "
                     f"{tuple(image.shape)} (channel first)"
                 )
+            values = torch.as_tensor(image.as_tensor() if isinstance(image, MetaTensor) else image)
+            if values.is_floating_point():
+                bad = int((~torch.isfinite(values)).sum())
+                if bad:
+                    raise CaseError(
+                        f"{_source_name(image)}: {bad:,} of {values.numel():,} voxels are NaN or infinite; "
+                        "replace them (for example with the background value) before segmenting"
+                    )
+            low, high = values.min(), values.max()
+            if low == high:
+                raise CaseError(f"{_source_name(image)}: every voxel is {float(low)}: nothing to segment")
         return d
 
 
@@ -148,6 +164,29 @@ class ClicksToVoxelsd(MapTransform):
         return d
 
 
+def write_label_map(label_map: torch.Tensor, path: str | os.PathLike, like: str | None = None) -> None:
+    """Write a ``(1, D, H, W)`` label map as an int16 NIfTI, always 3D (a one-slice volume stays
+    ``(D, H, 1)``). When ``like`` is the NIfTI file the label map was computed from, its header is kept
+    (sform and qform with their codes, units, extensions): the output lies on exactly the input's grid, even
+    where that header's geometry is unusual (a singular sform, which readers replace by the qform or pixdim
+    geometry). Other inputs (NRRD, MHA, DICOM) get a header built from the affine."""
+    values = np.asarray(label_map.detach().cpu() if isinstance(label_map, torch.Tensor) else label_map)[0]
+    values = values.astype(np.int16)
+    if like is not None and str(like).lower().endswith((".nii", ".nii.gz")) and Path(like).is_file():
+        source = nib.load(like)
+        if tuple(source.shape[:3]) == values.shape:
+            header = source.header.copy()
+            header.set_data_dtype(np.int16)
+            header.set_slope_inter(1.0, 0.0)
+            out = nib.Nifti1Image(values, None, header=header)
+            out.header.set_sform(source.header.get_sform(), code=int(source.header["sform_code"]))
+            out.header.set_qform(source.header.get_qform(), code=int(source.header["qform_code"]))
+            nib.save(out, str(path))
+            return
+    affine = np.asarray(label_map.affine if isinstance(label_map, MetaTensor) else np.eye(4), np.float64)
+    nib.save(nib.Nifti1Image(values, affine), str(path))
+
+
 class SaveSegmentationd(MapTransform):
     """Write ``<output_dir>/<case>/<case>_<postfix>.nii.gz`` and a JSON report beside it, each atomically.
 
@@ -178,17 +217,14 @@ class SaveSegmentationd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             label_map = d[key]
-            case = d.get("case") or case_name(_source_name(label_map))
-            folder = self.output_dir / case
-            target = folder / f"{case}_{self.postfix}.nii.gz"
-
-            def write_mask(path: str) -> None:
-                writer = NibabelWriter(output_dtype=np.int16)
-                writer.set_data_array(label_map, channel_dim=0, squeeze_end_dims=True)
-                writer.set_metadata({"affine": label_map.affine, "original_affine": label_map.affine}, resample=False)
-                writer.write(path, verbose=False)
-
-            write_atomic(target, write_mask)
+            if isinstance(label_map, MetaTensor) and label_map.meta.get(PROMPT_FAILED):
+                continue  # the inferer reported this case as failed: nothing is written for it
+            case = safe_name(d.get("case") or case_name(_source_name(label_map)))
+            target = self.output_dir / case / f"{case}_{self.postfix}.nii.gz"
+            if target.resolve().parent != (self.output_dir / case).resolve():
+                raise CaseError(f"case {case!r}: the output {str(target)!r} would leave {str(self.output_dir)!r}")
+            source = _source_name(d.get("image", label_map))
+            write_atomic(target, lambda path: write_label_map(label_map, path, like=source))
             report = dict(self.extra_report)
             inferred = label_map.meta.pop(self.report_key, None) if isinstance(label_map, MetaTensor) else None
             inferred = d.get(self.report_key, inferred)
@@ -198,7 +234,7 @@ class SaveSegmentationd(MapTransform):
                 done = report.get("objects", [{}] * len(requested))
                 report["objects"] = [dict(given, **used) for given, used in zip(requested, done)]
             report.update(image=_source_name(d.get("image", label_map)), segmentation=str(target))
-            write_text_atomic(folder / f"{case}_{self.postfix}.json", json.dumps(report, indent=2))
+            write_text_atomic(target.parent / f"{case}_{self.postfix}.json", json.dumps(report, indent=2, default=str))
             d[f"{key}_saved_to"] = str(target)
         return d
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -50,7 +51,7 @@ def write_nifti(path, array, affine) -> str:
 
 def run_inference(tmp_path, network, roi_size=32, **overrides):
     """Run bundle/configs/inference.json with ``network`` and a raw-intensity inferer; return the output folder."""
-    out = tmp_path / "out"
+    out = Path(overrides.pop("output_dir", tmp_path / "out"))
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "inference.json"),
         meta_file=str(CONFIGS / "metadata.json"),
@@ -72,6 +73,13 @@ def read_output(out, case):
     image = nib.load(out / case / f"{case}_seg.nii.gz")
     report = json.loads((out / case / f"{case}_seg.json").read_text())
     return np.asarray(image.dataobj), image.affine, report
+
+
+def bright(shape) -> np.ndarray:
+    """An image above the threshold everywhere (not constant: a constant image is refused)."""
+    image = np.full(shape, 100.0)
+    image.flat[0] = 101.0
+    return image
 
 
 def boundary_tolerant_equal(predicted: np.ndarray, expected: np.ndarray) -> bool:
@@ -169,7 +177,7 @@ def test_object_larger_than_a_window_comes_back_whole(tmp_path):
 
 def test_growth_stops_at_max_windows(tmp_path):
     shape = (30, 100, 24)
-    image = np.full(shape, 100.0)  # "everything is the object": growth must stop at the limit
+    image = bright(shape)  # "everything is the object": growth must stop at the limit
     path = write_nifti(tmp_path / "full.nii.gz", image, np.diag([1.5, 1.5, 1.5, 1.0]))
     out = run_inference(
         tmp_path,
@@ -262,7 +270,7 @@ def test_bad_prompts_are_named(tmp_path, entry, message):
 
 
 def test_bad_cases_are_reported_and_the_rest_run(tmp_path):
-    good = write_nifti(tmp_path / "good.nii.gz", np.full((10, 10, 10), 100.0), np.diag([1.5, 1.5, 1.5, 1]))
+    good = write_nifti(tmp_path / "good.nii.gz", bright((10, 10, 10)), np.diag([1.5, 1.5, 1.5, 1]))
     flat = write_nifti(tmp_path / "flat.nii.gz", np.zeros((10, 10)), np.eye(4))
     movie = write_nifti(tmp_path / "movie.nii.gz", np.zeros((6, 6, 6, 3)), np.eye(4))
     (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
@@ -284,7 +292,8 @@ def test_bad_cases_are_reported_and_the_rest_run(tmp_path):
     assert "movie.nii.gz: expected a 3D single-channel image, got a 3-channel/4D image" in message
     assert "'broken'" in message and "'missing'" in message and "does not exist" in message
     assert "point [5.0, 5.0, 50.0] (voxels) is outside the image" in message
-    mask, _, _ = read_output(tmp_path / "out", "good")
+    # the same image listed twice: the second entry gets its own output name
+    mask, _, _ = read_output(tmp_path / "out", "good_2")
     assert mask.shape == (10, 10, 10) and mask.min() == 1
 
 
@@ -363,7 +372,7 @@ class MaskEchoNetwork(ThresholdNetwork):
 def test_prev_mask_continues_an_earlier_result(tmp_path):
     shape = (24, 28, 20)
     affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    path = write_nifti(tmp_path / "cont.nii.gz", np.full(shape, 100.0), affine)
+    path = write_nifti(tmp_path / "cont.nii.gz", bright(shape), affine)
     earlier = np.zeros(shape, np.int16)
     earlier[4:12, 8:20, 5:15] = 2
     earlier[15:20, 2:6, 2:6] = 5  # another object of the earlier result: not asked for, not returned
@@ -380,7 +389,7 @@ def test_prev_mask_continues_an_earlier_result(tmp_path):
 
 
 def test_prev_mask_must_match_its_image(tmp_path):
-    path = write_nifti(tmp_path / "img.nii.gz", np.full((10, 10, 10), 100.0), np.eye(4))
+    path = write_nifti(tmp_path / "img.nii.gz", bright((10, 10, 10)), np.eye(4))
     nib.Nifti1Image(np.zeros((10, 10, 9), np.int16), np.eye(4)).to_filename(tmp_path / "old.nii.gz")
     entry = {"image": path, "prev_mask": str(tmp_path / "old.nii.gz"), "points": [[5, 5, 5]], "point_labels": [1]}
     with pytest.raises(RuntimeError) as err:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from test_evaluation import _blobs, _dataset, evaluate
-from test_inference import ThresholdNetwork, read_output, run_inference
+from test_inference import ThresholdNetwork, bright, read_output, run_inference
 
 from custom.predictor import VolumetricPredictor
 
@@ -165,7 +165,7 @@ def test_an_interrupted_evaluation_resumes_without_recomputing(tmp_path):
 
 def test_inference_report_counts_the_work(tmp_path):
     shape = (20, 24, 18)
-    image = np.full(shape, 100.0)
+    image = bright(shape)
     path = tmp_path / "one.nii.gz"
     nib.Nifti1Image(image.astype(np.float32), np.diag([1.5, 1.5, 1.5, 1.0])).to_filename(path)
     entry = {"image": str(path), "points": [[10, 12, 9], [12, 12, 9]], "point_labels": [1, 0]}

@@ -92,8 +92,14 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
         ValueError: the file holds no recognisable state dict, or needs ``allow_pickle=True``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"checkpoint {str(path)!r} is a directory; expected a checkpoint file in it or elsewhere"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist. {OFFICIAL_WEIGHTS_HINT}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes): an interrupted download or copy?")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
@@ -104,7 +110,10 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
             f"--src {path} --dst model.pt --allow_pickle true`. Detail: {str(err).splitlines()[0]}"
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"checkpoint {str(path)!r} could not be read as a PyTorch file: {err}") from err
+        detail = str(err).strip() or type(err).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} ({path.stat().st_size:,} bytes) could not be read as a PyTorch file: {detail}"
+        ) from err
     declared = obj.get(REL_POS_BIAS_KEY) if isinstance(obj, Mapping) else None
     if declared is not None and declared not in REL_POS_BIASES:
         raise ValueError(f"checkpoint {str(path)!r} records an unknown {REL_POS_BIAS_KEY} {declared!r}")
@@ -204,6 +213,12 @@ def load_checkpoint(
     """
     checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
     file_state = checkpoint.state
+    broken = [k for k, v in file_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(
+            f"checkpoint {str(path)!r}: {len(broken)} tensors hold NaN or infinite values (e.g. "
+            f"{', '.join(broken[:5])}): a diverged training run? Use an earlier checkpoint."
+        )
     report = compare_state_dicts(model.state_dict(), file_state)
     if strict and not report.ok:
         raise ValueError(
