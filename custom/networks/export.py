@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import write_atomic
+
 
 class EncodeStep(nn.Module):
     """``(1, 1, D, H, W)`` normalised crop -> embedding ``(1, C, D/p, H/p, W/p)``."""
@@ -69,7 +71,5 @@ def save_programs(encode, prompt, output_dir: str | os.PathLike) -> tuple[Path, 
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = output_dir / "encode.pt2", output_dir / "prompt_step.pt2"
     for program, path in zip((encode, prompt), paths):
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.export.save(program, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp, program=program: torch.export.save(program, tmp))
     return paths
