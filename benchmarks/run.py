@@ -357,32 +357,39 @@ def bench_ct_click(name: str, repeats: int) -> dict:
 
 
 def bench_training(spec: str, repeats: int) -> dict:
-    """Training steps per second (11 click steps, batch 2, 128^3): ``<network>-<fp32|bf16>``."""
+    """Training steps per second (11 click steps, batch 2, the variant's window): ``<network>-<fp32|bf16>``, on
+    CUDA when there is one (then with its peak memory), else on this CPU."""
     from monai.losses import DiceCELoss
 
-    from custom.engines import InteractiveSegmentation
+    from custom.engines import InteractiveSegmentation, parameter_groups, trainable
     from custom.networks import build_sam_med3d
 
     name, dtype = spec.rsplit("-", 1)
-    network = build_sam_med3d(name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    network = trainable(build_sam_med3d(name)).to(device)
     size = network.img_size
     model = InteractiveSegmentation(network)
-    optimizer = torch.optim.AdamW(network.parameters(), 1e-4)
+    optimizer = torch.optim.AdamW(parameter_groups(network, 1e-4), weight_decay=0.1)
     loss_function = DiceCELoss(sigmoid=True, squared_pred=True)
-    image = torch.randn(2, 1, size, size, size)
-    target = torch.zeros(2, 1, size, size, size)
+    image = torch.randn(2, 1, size, size, size, device=device)
+    target = torch.zeros(2, 1, size, size, size, device=device)
     target[:, :, size // 4 : size // 2, size // 4 : size // 2, size // 4 : size // 2] = 1
 
     def step():
         optimizer.zero_grad()
-        with _autocast(dtype):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             logits = model(image, target, torch.Generator().manual_seed(0))
         loss = sum(loss_function(step_logits.float(), target) for step_logits in logits)
         loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     seconds = _median_seconds(step, repeats)
-    return {"seconds": seconds, "steps_per_second": 1 / seconds}
+    result = {"seconds": seconds, "steps_per_second": 1 / seconds}
+    if device.type == "cuda":
+        result["note"] = f"{torch.cuda.get_device_name()}, {torch.cuda.max_memory_allocated() / 2**30:.1f} GB peak"
+    return result
 
 
 ROWS = {
@@ -458,7 +465,8 @@ def main() -> None:
     print(f"\n{'measurement':<34}{'seconds':>10}{'GFLOP/s':>10}{'peak MB':>10}  note")
     for (kind, spec), r in results.items():
         gflops = f"{r['gflop'] / r['seconds']:>10.1f}" if "gflop" in r else f"{'':>10}"
-        note = f"{r['steps_per_second']:.3f} steps/s" if "steps_per_second" in r else r.get("note", "")
+        note = f"{r['steps_per_second']:.3f} steps/s " if "steps_per_second" in r else ""
+        note += r.get("note", "")
         print(f"{kind + ' ' + spec:<34}{r['seconds']:>10.3f}{gflops}{r['peak_rss_mb']:>10.0f}  {note}")
     padded, fast = results.get(("encoder", "padded-fp32")), results.get(("encoder", "fast-fp32"))
     if padded and fast:

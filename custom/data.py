@@ -21,13 +21,15 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import IterableDataset
+import torch
+from monai.data import DataLoader, IterableDataset
 from monai.transforms import apply_transform
+from torch.utils.data import Dataset, Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -283,11 +285,17 @@ class CaseList:
             raise RuntimeError(f"{len(self.failures)} case(s) failed:\n  " + "\n  ".join(self.failures))
 
 
+#: the key of the item :class:`FaultTolerantDataset` yields for a case that failed
+FAILURE_KEY = "__case_failure__"
+
+
 class FaultTolerantDataset(IterableDataset):
-    """Applies ``transform`` to each case; a case whose transform fails is reported and skipped.
+    """Applies ``transform`` to each case; a case whose transform fails becomes a failure item (the case and
+    the root cause) that :class:`CaseLoader` reports and drops. With ``num_workers > 0`` each worker takes
+    its share of the cases.
 
     Args:
-        cases: the :class:`CaseList` whose valid cases are read and whose failures are extended.
+        cases: the :class:`CaseList` whose valid cases are read (and, through the loader, whose failures grow).
         transform: the pre-processing.
     """
 
@@ -296,14 +304,37 @@ class FaultTolerantDataset(IterableDataset):
         self.case_list = cases
 
     def __iter__(self) -> Iterator[Any]:
-        for item in self.case_list.cases:
+        worker = torch.utils.data.get_worker_info()
+        share = self.case_list.cases if worker is None else self.case_list.cases[worker.id :: worker.num_workers]
+        for item in share:
             try:
                 yield apply_transform(self.transform, item) if self.transform is not None else item
             except Exception as err:  # one bad case must not stop the others
                 cause = err
                 while cause.__cause__ is not None:  # MONAI wraps transform errors; report the root cause
                     cause = cause.__cause__
-                self.case_list.report_failure(f"case {item['case']!r}: {type(cause).__name__}: {cause}")
+                yield {FAILURE_KEY: f"case {item['case']!r}: {type(cause).__name__}: {cause}", "case": item["case"]}
+
+
+class CaseLoader(DataLoader):
+    """A MONAI ``DataLoader`` of one case per batch over a :class:`FaultTolerantDataset`: the failure items (made
+    in the worker processes too) are reported to the dataset's case list, in this process, and left out.
+
+    Args:
+        dataset: the :class:`FaultTolerantDataset`.
+        num_workers: worker processes (each reads its share of the cases).
+        kwargs: other ``DataLoader`` arguments (``pin_memory``...); the batch size is 1.
+    """
+
+    def __init__(self, dataset: FaultTolerantDataset, num_workers: int = 0, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=1, num_workers=num_workers, **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if FAILURE_KEY in batch:
+                self.dataset.case_list.report_failure(batch[FAILURE_KEY][0])
+                continue
+            yield batch
 
 
 def dataset_modality(path: str | os.PathLike) -> str:
@@ -468,3 +499,123 @@ def image_case_list(
         item = {k: str(p) for k, p in paths.items()}
         cases.cases.append(dict(item, case=case, modality=str(entry.get("modality", default_modality))))
     return cases
+
+
+class EpochSampler(Sampler):
+    """The order of one epoch as a function of ``(seed, epoch)``, optionally one rank's share of it, with each
+    sample's own random seed: yields ``(sample_seed, index)`` pairs for :class:`SeededDataset`.
+
+    Nothing depends on what ran before, so a run resumed at any iteration draws what the uninterrupted run drew:
+    :meth:`attach` it to the trainer, and at each epoch start it takes the epoch and skips the samples the
+    trainer has already done (a resumed mid-epoch start).
+
+    Args:
+        dataset: the dataset (its length).
+        batch_size: samples per iteration (to turn iterations into samples).
+        shuffle: a new permutation each epoch.
+        seed: the run's seed.
+        num_replicas, rank: the share of one of ``num_replicas`` processes (DDP); the order is padded to a
+            multiple of ``num_replicas`` by repeating its start, so every rank has as many samples.
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        batch_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} must lie in [0, num_replicas={num_replicas})")
+        self.size, self.batch_size, self.shuffle, self.seed = len(dataset), int(batch_size), shuffle, int(seed)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.epoch, self.start = 1, 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.num_replicas)
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+
+    def epoch_started(self, engine: Any) -> None:
+        self.epoch = engine.state.epoch
+        done = engine.state.iteration - (engine.state.epoch - 1) * engine.state.epoch_length
+        self.start = max(done, 0) * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        total = len(self) * self.num_replicas
+        order = torch.cat([order, order[: total - self.size]]) if total > self.size else order
+        share = order[self.rank :: self.num_replicas].tolist()
+        for position in range(self.start, len(share)):
+            key = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + position * self.num_replicas + self.rank
+            yield key % (2**31), share[position]
+
+
+class SeededDataset(Dataset):
+    """A dataset in two parts: ``cache_transform`` (the deterministic part: load, orient, clamp) applied once and
+    kept in memory by a ``CacheDataset``, then ``transform`` (the random part: target, crop, resampling, flips)
+    for every sample, with its random state set from the sample's seed (:class:`EpochSampler`): a sample's
+    draws depend on the seed, the epoch and its position, not on earlier samples or on the worker.
+
+    Args:
+        data: the entries (``image``, ``label``...).
+        cache_transform: the deterministic part.
+        transform: the random part.
+        cache_num_workers: threads that fill the cache.
+    """
+
+    def __init__(self, data: Sequence[Any], cache_transform: Callable, transform: Callable, cache_num_workers: int = 0):
+        from monai.data import CacheDataset
+
+        self.cache = CacheDataset(data, cache_transform, cache_rate=1.0, num_workers=cache_num_workers, progress=False)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, key: Any) -> Any:
+        seed, index = key if isinstance(key, tuple) else (None, key)
+        if seed is not None and hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=int(seed))
+        return apply_transform(self.transform, self.cache[index])
+
+
+class TargetDataset(Dataset):
+    """Validation targets without copies of their volumes: each case is cached once (``cache_transform``) and
+    every (case, class present) pair is an item, ``transform`` applied with ``target_class`` set.
+
+    Args:
+        data: the cases; ``cache_transform`` must give each a ``classes`` list (:class:`ListClassesd`).
+        cache_transform, transform: as in :class:`SeededDataset` (``transform`` deterministic here).
+        max_targets: at most this many targets, evenly spaced over the list (None: all).
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Any],
+        cache_transform: Callable,
+        transform: Callable,
+        max_targets: int | None = None,
+        cache_num_workers: int = 0,
+    ) -> None:
+        from monai.data import CacheDataset
+
+        self.cache = CacheDataset(data, cache_transform, cache_rate=1.0, num_workers=cache_num_workers, progress=False)
+        self.transform = transform
+        targets = [(i, int(c)) for i in range(len(self.cache)) for c in self.cache[i]["classes"]]
+        if max_targets is not None and len(targets) > max_targets:
+            targets = [targets[round(i * len(targets) / max_targets)] for i in range(max_targets)]
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Any:
+        case, target_class = self.targets[index]
+        return apply_transform(self.transform, dict(self.cache[case], target_class=target_class))

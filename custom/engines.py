@@ -12,10 +12,15 @@ The whole simulated interaction is one ``forward`` of :class:`InteractiveSegment
 from __future__ import annotations
 
 import json
+import os
+import random
+import zlib
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Events
 from monai.data import MetaTensor
@@ -24,7 +29,7 @@ from monai.handlers import CheckpointLoader
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from .files import write_text_atomic
+from .files import check_writable_folder, write_text_atomic
 from .networks.checkpoint import checkpoint_payload, save_atomic
 from .networks.sam_med3d import upsample_logits
 from .precision import autocast, check_autocast_dtype
@@ -125,12 +130,16 @@ class InteractiveTrainingStep:
             engine.optimizer.zero_grad(set_to_none=True)
         engine.network.train()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
-        with autocast(image.device, self.autocast_dtype):
-            step_logits = engine.network(image, target, generator)
-        loss = sum(engine.loss_function(logits.float(), target) for logits in step_logits)
-        scaled = loss / self.accumulation_steps
-        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        if (position + 1) % self.accumulation_steps == 0 or position + 1 == engine.state.epoch_length:
+        steps = (position + 1) % self.accumulation_steps == 0 or position + 1 == engine.state.epoch_length
+        # a micro-step of gradient accumulation under DDP keeps its gradients local: one all-reduce per step
+        local = engine.network.no_sync() if not steps and hasattr(engine.network, "no_sync") else nullcontext()
+        with local:
+            with autocast(image.device, self.autocast_dtype):
+                step_logits = engine.network(image, target, generator)
+            loss = sum(engine.loss_function(logits.float(), target) for logits in step_logits)
+            scaled = loss / self.accumulation_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if steps:
             if self.scaler is not None:
                 self.scaler.step(engine.optimizer)
                 self.scaler.update()
@@ -148,7 +157,8 @@ class ClickValidationStep:
         inferer: the predictor's settings (:class:`~custom.inferer.PromptedInferer`).
         report_clicks: click counts to report, e.g. ``(1, 5)``.
         protocol: a name of :data:`custom.prompts.CLICK_PROTOCOLS`.
-        seed: the clicks of item ``i`` are seeded with ``seed + i``: every validation sees the same clicks.
+        seed: with the item's case and class, seeds its clicks: every validation sees the same clicks, whatever
+            the order and the process (under DDP each rank validates its share).
     """
 
     def __init__(
@@ -174,7 +184,7 @@ class ClickValidationStep:
                 values = image[b].as_tensor() if isinstance(image, MetaTensor) else image[b]
                 predictor.set_image(MetaTensor(values.cpu(), affine=affine))
                 truth = (target[b, 0].as_tensor() if isinstance(target, MetaTensor) else target[b, 0]).cpu() > 0.5
-                generator = torch.Generator().manual_seed(self.seed + engine.state.iteration * 1_000 + b)
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + _item_key(batchdata, b))
                 prediction = torch.zeros_like(truth)
                 for click_index in range(1, self.report_clicks[-1] + 1):
                     click = simulated_click(self.protocol, prediction, truth, click_index, generator)
@@ -189,29 +199,36 @@ class ClickValidationStep:
         return output
 
 
-def parameter_groups(
-    network: nn.Module, lr: float, decoder_lr_factor: float = 0.1, freeze_image_encoder: bool = False
-) -> list[dict]:
-    """AdamW groups: the image encoder at ``lr`` (or frozen), prompt encoder and decoder at ``lr * factor``.
+def _item_key(batchdata: dict, b: int) -> int:
+    """A number that identifies item ``b`` of a batch by its case and class (its position if it has neither)."""
+    case = batchdata.get("case")
+    target = batchdata.get("target_class")
+    if case is None:
+        return b
+    name = case[b] if isinstance(case, (list, tuple)) else str(case)
+    value = int(target[b]) if target is not None else 0
+    return zlib.crc32(f"{name}/{value}".encode())
 
-    Parameters a network names in ``frozen_parameter_names()`` (the frozen 2D backbone of ``medsam3d_adapter``)
-    stay frozen and out of the groups.
-    """
-    keep_frozen = set(network.frozen_parameter_names()) if hasattr(network, "frozen_parameter_names") else set()
-    encoder = [p for n, p in network.image_encoder.named_parameters() if f"image_encoder.{n}" not in keep_frozen]
-    for param in encoder:
-        param.requires_grad_(not freeze_image_encoder)
-    rest = [p for name, p in network.named_parameters() if not name.startswith("image_encoder.")]
+
+def parameter_groups(network: nn.Module, lr: float, decoder_lr_factor: float = 0.1) -> list[dict]:
+    """AdamW groups of the parameters that train (see :func:`trainable`): the image encoder's at ``lr``, the
+    prompt encoder's and decoder's at ``lr * decoder_lr_factor``."""
+    named = [(name, p) for name, p in network.named_parameters() if p.requires_grad]
+    encoder = [p for name, p in named if name.startswith("image_encoder.")]
+    rest = [p for name, p in named if not name.startswith("image_encoder.")]
     groups = [{"params": rest, "lr": lr * decoder_lr_factor}]
-    if not freeze_image_encoder:
+    if encoder:
         groups.insert(0, {"params": encoder, "lr": lr})
     return groups
 
 
-def freeze_untrained_heads(network: nn.Module) -> nn.Module:
-    """Stop gradients to the parts the interactive training never uses (``no_mask_embed``, the hypernetworks of
-    mask tokens 1-3, the IoU head), so that DDP can all-reduce without ``find_unused_parameters``."""
-    for name, param in network.named_parameters():
+def untrained_parameter_names(network: nn.Module) -> list[str]:
+    """The parameters the interactive training never uses: ``no_mask_embed`` (a mask prompt is always given),
+    the hypernetworks of mask tokens 1-3 and the IoU head (only the single-mask output is trained), and a
+    network's own frozen ones (``frozen_parameter_names()``: the frozen 2D backbone of ``medsam3d_adapter``)."""
+    own = set(network.frozen_parameter_names()) if hasattr(network, "frozen_parameter_names") else set()
+    names = []
+    for name, _ in network.named_parameters():
         unused = (
             name.startswith("prompt_encoder.no_mask_embed.")
             or name.startswith("mask_decoder.iou_prediction_head.")
@@ -220,45 +237,133 @@ def freeze_untrained_heads(network: nn.Module) -> nn.Module:
                 and not name.startswith("mask_decoder.output_hypernetworks_mlps.0.")
             )
         )
-        if unused:
-            param.requires_grad_(False)
+        if unused or name in own:
+            names.append(name)
+    return names
+
+
+def trainable(network: nn.Module, freeze_image_encoder: bool = False) -> nn.Module:
+    """``network`` with ``requires_grad`` off for what does not train (:func:`untrained_parameter_names`, and
+    the whole image encoder with ``freeze_image_encoder``), set once before any wrapper (DDP registers its
+    gradient hooks on the parameters that train when it wraps them, and all-reduces without
+    ``find_unused_parameters``)."""
+    frozen = set(untrained_parameter_names(network))
+    for name, param in network.named_parameters():
+        encoder = name.startswith("image_encoder.")
+        param.requires_grad_(name not in frozen and not (freeze_image_encoder and encoder))
     return network
 
 
+def check_run_folder(output_dir: str | os.PathLike, resume: bool) -> Path:
+    """A training run's folder: usable and writable (:func:`custom.files.check_writable_folder`); one that holds
+    an earlier run is refused unless ``resume`` (``model.pt`` must be the best of *this* run).
+
+    Raises:
+        FileExistsError: naming the folder and what it holds.
+    """
+    folder = check_writable_folder(output_dir)
+    earlier = [name for name in ("training_state.pt", "model.pt", "model.json") if (folder / name).exists()]
+    if earlier and not resume:
+        raise FileExistsError(
+            f"output_dir {str(folder)!r} holds an earlier run ({', '.join(earlier)}): pass --resume true to "
+            "continue it, or give another --output_dir (or remove those files) to start a new one"
+        )
+    if resume and not (folder / "training_state.pt").is_file():
+        raise FileNotFoundError(f"--resume: {str(folder / 'training_state.pt')!r} does not exist")
+    return folder
+
+
+def random_states() -> dict:
+    """The global random generators' states (torch, CUDA, numpy, Python) as tensors and numbers, so that the
+    file loads with ``weights_only=True``; for an exact resume."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.as_tensor(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": python_gauss},
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_random_states(states: dict) -> None:
+    """Inverse of :func:`random_states`."""
+    torch.set_rng_state(states["torch"])
+    numpy_state = states["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["gauss"],
+        )
+    )
+    python_state = states["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class SaveLatestCheckpoint:
-    """Trainer handler: after every epoch, ``<output_dir>/model_latest.pt`` (``checkpoint_payload``) and
-    ``<output_dir>/training_state.pt`` (network, optimizer, scheduler, trainer, scaler: what ``--resume``
-    loads), each written atomically.
+    """Trainer handler: after every epoch (and every ``every_n_iterations`` iterations, if > 0),
+    ``<output_dir>/model_latest.pt`` (``checkpoint_payload``) and ``<output_dir>/training_state.pt`` (network,
+    optimizer, scheduler, trainer, scaler and the global random generators: what ``--resume`` loads), each
+    written atomically and flushed to disk.
+
+    The data order and every random draw of the training (target, crop, flips, clicks) are functions of the
+    seed, the epoch and the position in the epoch (:class:`custom.data.EpochSampler`,
+    :class:`InteractiveTrainingStep`), so this state is enough to continue exactly where it stopped.
 
     Args:
         output_dir: the run's folder.
         network: the promptable network (not a wrapper).
         state_objects: name -> object with ``state_dict()`` for the resumable state; the trainer it is
             attached to is added as ``trainer``.
+        every_n_iterations: also save every this many iterations (0: at epoch ends only).
     """
 
-    def __init__(self, output_dir: str, network: nn.Module, state_objects: dict) -> None:
+    def __init__(self, output_dir: str, network: nn.Module, state_objects: dict, every_n_iterations: int = 0) -> None:
         self.output_dir = Path(output_dir)
         self.network = network
         self.state_objects = state_objects
+        self.every_n_iterations = int(every_n_iterations)
 
     def attach(self, engine) -> None:
         self.state_objects = dict(self.state_objects, trainer=engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        if self.every_n_iterations > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self)
 
     def __call__(self, engine) -> None:
         save_atomic(checkpoint_payload(self.network), self.output_dir / "model_latest.pt")
         state = {name: obj.state_dict() for name, obj in self.state_objects.items() if obj is not None}
+        state["random_states"] = random_states()
         save_atomic(state, self.output_dir / "training_state.pt")
 
 
 class ResumeTrainingState(CheckpointLoader):
     """``CheckpointLoader`` for ``training_state.pt`` that also restores the trainer it is attached to
-    (epoch, iteration), which a config cannot name inside the trainer's own handler list."""
+    (epoch, iteration), which a config cannot name inside the trainer's own handler list, and the global
+    random generators."""
 
     def attach(self, engine) -> None:
         self.load_dict = dict(self.load_dict, trainer=engine)
         super().attach(engine)
+        engine.add_event_handler(Events.STARTED, self._restore_random_states)
+
+    def _restore_random_states(self, engine) -> None:
+        checkpoint = torch.load(self.load_path, map_location="cpu", weights_only=True)
+        if "random_states" in checkpoint:
+            restore_random_states(checkpoint["random_states"])
 
 
 class SaveBestModel:

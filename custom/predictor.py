@@ -1,7 +1,7 @@
 """The volumetric predictor: set an image once, add clicks to objects, read each object's mask on the stored grid.
 
-As ``SamPredictor`` does for 2D SAM, the image is prepared once (oriented to RAS, resampled to the network's
-spacing, clamped by modality) and every prompt afterwards costs only what it changes:
+As ``SamPredictor`` does for 2D SAM, the image is prepared once (clamped by modality, oriented to RAS, resampled
+to the network's spacing) and every prompt afterwards costs only what it changes:
 
 - a click runs one prompt step (one ``decode``) in each window of its object that holds it, starting from that
   window's saved low-res logits (a click outside every window opens one centred on it);
@@ -80,7 +80,7 @@ class VolumetricPredictor:
         sigma_scale: of the Gaussian blending map, relative to the window.
         intensity_normalization: applied to each window before encoding (default :func:`normalize_crop`, as
             upstream); None passes the resampled intensities.
-        intensity_clamp_by_modality: modality -> (low, high), applied after resampling (``{"CT": (-1000, 1000)}``
+        intensity_clamp_by_modality: modality -> (low, high), applied before resampling (``{"CT": (-1000, 1000)}``,
             as in training).
         prev_mask_logit: magnitude of the logits that an earlier mask (:meth:`set_mask`) stands for as a prompt.
         max_cached_embeddings: window embeddings kept at most (least recently used dropped first).
@@ -149,26 +149,26 @@ class VolumetricPredictor:
         if not isinstance(image, MetaTensor) or image.ndim != 4 or image.shape[0] != 1:
             shape = tuple(getattr(image, "shape", ()))
             raise ValueError(f"set_image expects a single-channel 3D MetaTensor (1, D, H, W), got shape {shape}")
+        stored = image
+        bounds = self.clamp_ranges.get(str(modality).upper())
+        if bounds is not None:  # on the stored grid, before resampling, as training does
+            image = image.clamp(*bounds)
         oriented = Orientation(axcodes="RAS", labels=None)(image)
         resample = AxisAlignedSpacingd("image", self.spacing_mm, mode="bilinear")
         network_affine, network_shape = resample.target_grid(oriented)
         voxels = int(np.prod(network_shape))
         if voxels > self.max_grid_voxels:
-            source = image.meta.get("filename_or_obj", "the image")
+            source = stored.meta.get("filename_or_obj", "the image")
             raise ValueError(
-                f"{source}: resampling its {tuple(image.shape[1:])} voxels of "
-                f"{np.round(np.sqrt((image.affine.numpy()[:3, :3] ** 2).sum(0)), 3).tolist()} mm to "
+                f"{source}: resampling its {tuple(stored.shape[1:])} voxels of "
+                f"{np.round(np.sqrt((stored.affine.numpy()[:3, :3] ** 2).sum(0)), 3).tolist()} mm to "
                 f"{list(self.spacing_mm)} mm makes a {tuple(network_shape)} grid ({voxels:,} voxels, "
                 f"{voxels * 4 / 2**30:.1f} GiB as float32), above max_grid_voxels={self.max_grid_voxels:,}; "
                 "check the header's voxel size, or raise the limit"
             )
         resampled = resample({"image": oriented})["image"]
-        values = resampled.as_tensor()[0].float()
-        bounds = self.clamp_ranges.get(str(modality).upper())
-        if bounds is not None:
-            values = values.clamp(*bounds)
-        self.image = values
-        self.grid = NetworkGrid(image.affine, image.shape[1:], resampled.affine, resampled.shape[1:])
+        self.image = resampled.as_tensor()[0].float()
+        self.grid = NetworkGrid(stored.affine, stored.shape[1:], resampled.affine, resampled.shape[1:])
         self.embeddings.clear()
         self.objects.clear()
         self.embeddings_computed = 0

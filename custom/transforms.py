@@ -239,11 +239,43 @@ class SaveSegmentationd(MapTransform):
         return d
 
 
+class LabelClassesd(MapTransform):
+    """List the classes a label map holds (``classes``: values > 0 with at least ``min_voxels`` voxels) and keep
+    the label as uint8 (a quarter of float32's memory in a cache): plain ``{"image", "label"}`` entries (as
+    MONAI Label and MONAI FL pass them) need nothing else.
+
+    Raises:
+        CaseError: the label has no class, or values that are not integers in 0..255 (naming the file).
+    """
+
+    def __init__(self, keys: KeysCollection = "label", classes_key: str = "classes", min_voxels: int = 1) -> None:
+        super().__init__(keys)
+        self.classes_key = classes_key
+        self.min_voxels = min_voxels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            values = torch.as_tensor(label.as_tensor() if isinstance(label, MetaTensor) else label)
+            present, counts = torch.unique(values, return_counts=True)
+            if present.min() < 0 or present.max() > 255 or not torch.equal(present, present.round()):
+                raise CaseError(
+                    f"{_source_name(label)}: label values must be integers in 0..255, found {present.tolist()[:10]}"
+                )
+            classes = [int(v) for v, n in zip(present.tolist(), counts.tolist()) if v > 0 and n >= self.min_voxels]
+            if not classes:
+                raise CaseError(f"{_source_name(label)}: the label has no class of at least {self.min_voxels} voxels")
+            d[self.classes_key] = classes
+            d[key] = label.to(torch.uint8)
+        return d
+
+
 class SelectTargetd(MapTransform, Randomizable):
     """Turn a label map into one binary target: the class in ``target_class_key`` if the item has it,
-    otherwise a class drawn among ``classes_key`` (the classes present, listed by the datalist check).
+    otherwise a class drawn among ``classes_key`` (the classes present, :class:`LabelClassesd`).
 
-    Writes the float target (0/1) to the label key and the class to ``target_class_key``.
+    Writes the target (uint8 0/1) to the label key and the class to ``target_class_key``.
     """
 
     def __init__(
@@ -258,10 +290,12 @@ class SelectTargetd(MapTransform, Randomizable):
         classes = list(d.pop(self.classes_key, []))  # lists of varying length would not collate
         target_class = d.get(self.target_class_key)
         if target_class is None:
+            if not classes:
+                raise CaseError(f"{_source_name(d.get(self.first_key(d)))}: no class to draw a target from")
             target_class = classes[int(self.R.randint(len(classes)))]
         d[self.target_class_key] = int(target_class)
         for key in self.key_iterator(d):
-            d[key] = (d[key] == int(target_class)).float()
+            d[key] = (d[key] == int(target_class)).to(torch.uint8)
         return d
 
 
@@ -335,7 +369,7 @@ class ClampByModalityd(MapTransform):
         bounds = self.ranges.get(str(d.get(self.modality_key, "")).upper())
         if bounds is not None:
             for key in self.key_iterator(d):
-                d[key] = d[key].clamp(*bounds)
+                d[key] = d[key].clamp_(*bounds)  # in place: no second copy of a whole volume
         return d
 
 

@@ -82,10 +82,10 @@ def fit_fixed_batch(network: torch.nn.Module, image: torch.Tensor, target: torch
     and the training loss; returns the loss of every step."""
     from monai.losses import DiceCELoss
 
-    from custom.engines import InteractiveSegmentation, parameter_groups
+    from custom.engines import InteractiveSegmentation, parameter_groups, trainable
 
     model = InteractiveSegmentation(network, num_click_steps=3, mask_only_step_range=(2, 2))
-    optimizer = torch.optim.AdamW(parameter_groups(network, 2e-3, decoder_lr_factor=1.0), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(parameter_groups(trainable(network), 2e-3, decoder_lr_factor=1.0), weight_decay=0.1)
     loss_function = DiceCELoss(sigmoid=True, squared_pred=True)
     losses = []
     for step in range(steps):

@@ -445,3 +445,15 @@ def test_dicom_series_folder(tmp_path):
     assert mask.shape == (18, 16, 12)  # x, y, z: the stored array order
     assert boundary_tolerant_equal(mask > 0, volume.transpose(2, 1, 0) > 50)
     np.testing.assert_allclose(np.abs(np.diag(affine))[:3], [1.0, 1.0, 1.0])
+
+
+def test_worker_processes_share_the_cases_and_report_failures(tmp_path):
+    images = [write_nifti(tmp_path / f"w{i}.nii.gz", bright((12, 12, 12)), np.eye(4)) for i in range(3)]
+    datalist = [{"image": p, "points": [[5, 5, 5]], "point_labels": [1]} for p in images]
+    datalist.append({"image": images[0], "points": [[5, 5, 50]], "point_labels": [1]})  # outside: fails
+    (tmp_path / "list.json").write_text(json.dumps(datalist))
+    with pytest.raises(RuntimeError) as err:
+        run_inference(tmp_path, ThresholdNetwork(), datalist=str(tmp_path / "list.json"), num_workers=2)
+    message = str(err.value.__cause__)
+    assert "1 case(s) failed" in message and "'w0_2'" in message and "outside the image" in message
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["w0", "w1", "w2"]  # each case once

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import REPO_ROOT, fit_fixed_batch
 from monai.bundle import ConfigWorkflow
 
-from custom.engines import parameter_groups
+from custom.engines import parameter_groups, trainable
 from custom.networks import (
     MedSAM3D,
     available_networks,
@@ -263,7 +263,7 @@ def test_output_shapes_for_several_crops(crop):
 def test_frozen_parameters_get_no_gradient_adapters_and_decoder_do():
     torch.manual_seed(0)
     model = build_sam_med3d("medsam3d_adapter", **SMALL)
-    groups = parameter_groups(model, 1e-3, freeze_image_encoder=False)  # must not unfreeze the backbone
+    groups = parameter_groups(trainable(model), 1e-3)  # must not unfreeze the backbone
     in_groups = {id(p) for g in groups for p in g["params"]}
     frozen = set(model.frozen_parameter_names())
     assert frozen and all(".blocks." in n or n == "image_encoder.pos_embed" for n in frozen)

@@ -19,10 +19,17 @@ from custom.networks import build_sam_med3d, load_checkpoint
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 MINI = REPO_ROOT / "bundle" / "sample" / "hippocampus_mini"
-FAST = {"network_name": "sam_med3d_tiny", "network_def#image_size": 64, "num_workers": 0, "batch_size": 2}
+FAST = {
+    "network_name": "sam_med3d_tiny",
+    "network_def#image_size": 64,
+    "pretrained_ckpt": None,
+    "num_workers": 0,
+    "batch_size": 2,
+    "progress_bar": False,
+}
 
 
-def train(tmp_path, stop_after_epoch=None, **overrides):
+def train(tmp_path, stop_after_iteration=None, **overrides):
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"),
         workflow_type="train",
@@ -30,19 +37,20 @@ def train(tmp_path, stop_after_epoch=None, **overrides):
         **dict(FAST, **overrides),
     )
     workflow.initialize()
-    if stop_after_epoch is not None:  # an interruption: the run ends after the epoch's checkpoint is written
+    if stop_after_iteration is not None:  # an interruption, right after that iteration's checkpoint
         workflow.parser.get_parsed_content("train#trainer").add_event_handler(
-            Events.EPOCH_COMPLETED(once=stop_after_epoch), lambda engine: engine.terminate()
+            Events.ITERATION_COMPLETED(once=stop_after_iteration), lambda engine: engine.terminate()
         )
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     optimizer = workflow.parser.get_parsed_content("optimizer")
+    network = workflow.parser.get_parsed_content("network")
     workflow.finalize()
-    return trainer, optimizer
+    return trainer, optimizer, network
 
 
 def test_one_epoch_through_the_bundle_writes_checkpoints(tmp_path):
-    trainer, _ = train(tmp_path, epochs=1, val_interval=1)
+    trainer, _, _ = train(tmp_path, epochs=1, val_interval=1)
     assert trainer.state.iteration == 2  # 4 cases, batch 2
     model = build_sam_med3d("sam_med3d_tiny", image_size=64)
     assert load_checkpoint(model, tmp_path / "model.pt").ok  # {"model": ..., "rel_pos_bias": ...}, weights_only
@@ -70,20 +78,45 @@ def test_the_model_learns_a_fixed_batch():
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight, straight_optimizer = train(tmp_path / "straight", epochs=2, val_interval=5)
-    interrupted, _ = train(tmp_path / "split", stop_after_epoch=1, epochs=2, val_interval=5)
-    assert interrupted.state.iteration == 2
-    resumed, resumed_optimizer = train(tmp_path / "split", epochs=2, val_interval=5, resume=True)
-    assert resumed.state.iteration == straight.state.iteration == 4
-    assert resumed.state.epoch == straight.state.epoch == 2
-    steps = [
-        [float(s["step"]) for s in opt.state_dict()["state"].values()]
-        for opt in (straight_optimizer, resumed_optimizer)
+def test_resume_mid_epoch_continues_exactly(tmp_path):
+    # 4 cases, batch 2: 2 iterations per epoch; the interruption comes in the middle of epoch 2
+    settings = dict(epochs=3, val_interval=2, checkpoint_every_n_iterations=1, crop_jitter_mm=6.0)
+    straight, straight_optimizer, straight_network = train(tmp_path / "straight", **settings)
+    interrupted, _, _ = train(tmp_path / "split", stop_after_iteration=3, **settings)
+    assert interrupted.state.iteration == 3
+    resumed, resumed_optimizer, resumed_network = train(tmp_path / "split", resume=True, **settings)
+    assert resumed.state.iteration == straight.state.iteration == 6 and resumed.state.epoch == 3
+    worst = max(
+        (a - b).abs().max().item()
+        for a, b in zip(straight_network.state_dict().values(), resumed_network.state_dict().values())
+    )
+    assert worst <= 1e-6, worst
+    moments = [
+        (a[key] - b[key]).abs().max().item()
+        for a, b in zip(
+            straight_optimizer.state_dict()["state"].values(), resumed_optimizer.state_dict()["state"].values()
+        )
+        for key in ("exp_avg", "exp_avg_sq")
     ]
-    assert steps[0] == steps[1] and steps[0] and all(s == 4 for s in steps[0])
-    lrs = [[g["lr"] for g in opt.param_groups] for opt in (straight_optimizer, resumed_optimizer)]
-    assert lrs[0] == pytest.approx(lrs[1])
+    assert moments and max(moments) <= 1e-6, max(moments)
+    assert [g["lr"] for g in straight_optimizer.param_groups] == pytest.approx(
+        [g["lr"] for g in resumed_optimizer.param_groups]
+    )
+    # the weights differ from the start: the comparison is not of two untrained networks
+    assert (
+        straight_network.state_dict()["mask_decoder.iou_token.weight"]
+        != build_sam_med3d("sam_med3d_tiny", image_size=64).state_dict()["mask_decoder.iou_token.weight"]
+    ).any()
+
+
+def test_a_fresh_run_into_a_used_folder_is_refused(tmp_path):
+    train(tmp_path, epochs=1, val_interval=1)
+    with pytest.raises(RuntimeError) as err:
+        train(tmp_path, epochs=1, val_interval=1)
+    cause = err.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, FileExistsError) and "--resume true" in str(cause) and "model.pt" in str(cause)
 
 
 def _copy_mini(tmp_path):
@@ -123,31 +156,77 @@ def test_checked_entries_list_the_classes_present():
     assert [e["classes"] for e in entries] == [[1, 2], [1, 2]]
 
 
-def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
+def _torchrun(tmp_path, port: int, **overrides) -> list[dict]:
+    """Train with the multi-GPU overlay on 2 CPU processes (gloo); each rank's saved state."""
     import os
     import subprocess
     import sys
 
+    settings = {**FAST, "batch_size": 1, "epochs": 2, "val_interval": 1, **overrides}
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        str(REPO_ROOT / "tests" / "ddp_worker.py"),
-        str(tmp_path),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += [str(REPO_ROOT / "tests" / "ddp_worker.py"), str(tmp_path), json.dumps(settings)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert ranks[0]["iterations"] == ranks[1]["iterations"] == 2
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def _single_process_validation(state: dict, tmp_path) -> dict:
+    """The same validation in one process, on the given weights."""
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"), workflow_type="train", output_dir=str(tmp_path), **FAST
+    )
+    workflow.initialize()
+    network = workflow.parser.get_parsed_content("network")
+    network.load_state_dict(state)
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    return dict(evaluator.state.metrics), evaluator.state.iteration
+
+
+def test_ddp_validates_every_epoch_and_matches_one_process(tmp_path):
+    ranks = _torchrun(tmp_path / "ddp", 29517)
+    assert ranks[0]["iterations"] == ranks[1]["iterations"] == 4  # 4 cases, 2 ranks, batch 1, 2 epochs
     for key, value in ranks[0]["final"].items():
         assert torch.equal(value, ranks[1]["final"][key]), key
     changed = [k for k, v in ranks[0]["final"].items() if not torch.equal(v, ranks[0]["initial"][k])]
     assert "image_encoder.blocks.0.attn.qkv.weight" in changed and "mask_decoder.iou_token.weight" in changed
+    assert len(ranks[0]["metrics"]) == len(ranks[1]["metrics"]) == 2  # validated after both epochs, no hang
+    assert ranks[0]["metrics"][-1] == ranks[1]["metrics"][-1]  # reduced across ranks
+    single, items = _single_process_validation(ranks[0]["final"], tmp_path / "single")
+    assert ranks[0]["validated_items"] + ranks[1]["validated_items"] == items  # each rank its share
+    for name, value in single.items():
+        assert ranks[0]["metrics"][-1][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_ddp_with_a_frozen_encoder_and_accumulation(tmp_path):
+    ranks = _torchrun(tmp_path, 29518, freeze_image_encoder=True, accumulation_steps=2, val_interval=5)
+    for key, value in ranks[0]["final"].items():
+        assert torch.equal(value, ranks[1]["final"][key]), key
+        if key.startswith("image_encoder.") and ranks[0]["requires_grad"].get(key) is not None:
+            assert not ranks[0]["requires_grad"][key] and torch.equal(value, ranks[0]["initial"][key]), key
+    assert not torch.equal(
+        ranks[0]["final"]["mask_decoder.iou_token.weight"], ranks[0]["initial"]["mask_decoder.iou_token.weight"]
+    )
+
+
+def test_ddp_trains_3dmedsam(tmp_path):
+    small = {
+        "network_def#encoder_embed_dim": 96,
+        "network_def#encoder_depth": 4,
+        "network_def#encoder_num_heads": 2,
+        "network_def#skip_depths": [3, 1],
+        "network_def#prompt_embed_dim": 64,
+        "network_def#decoder_mlp_dim": 128,
+        "network_def#image_size": 32,
+    }
+    ranks = _torchrun(tmp_path, 29519, network_name="medsam3d_adapter", val_interval=5, **small)
+    frozen = [k for k, trains in ranks[0]["requires_grad"].items() if not trains]
+    assert "image_encoder.blocks.0.attn.qkv.weight" in frozen
+    for key, value in ranks[0]["final"].items():
+        assert torch.equal(value, ranks[1]["final"][key]), key
+    for key in frozen:
+        assert torch.equal(ranks[0]["final"][key], ranks[0]["initial"][key]), key
 
 
 def test_clamping_follows_the_dataset_modality():

@@ -220,7 +220,7 @@ class MedSAM3D(SamMed3D):
             param.requires_grad_(name not in frozen)
 
     def frozen_parameter_names(self) -> list[str]:
-        """Parameters that training must leave alone (``custom.engines.parameter_groups`` honours them)."""
+        """Parameters that training must leave alone (``custom.engines.trainable`` freezes them)."""
         if not self.freeze_backbone:
             return []
         return [
