@@ -33,18 +33,23 @@ from .files import check_writable_folder, write_text_atomic
 from .networks.checkpoint import checkpoint_payload, save_atomic
 from .networks.sam_med3d import upsample_logits
 from .precision import autocast, check_autocast_dtype
-from .prompts import simulated_click, uniform_error_click
+from .prompts import check_click_memory, simulated_click
 
 
 def simulate_clicks(
-    prediction: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    generator: torch.Generator | None,
+    protocol: str = "uniform",
+    click_index: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One new click per volume: ``(B, D, H, W)`` bool prediction and target -> coords ``(B, 1, 3)``, labels
-    ``(B, 1)``; a volume already segmented perfectly gets a padding point (label -1)."""
+    ``(B, 1)`` (a named protocol of :data:`custom.prompts.CLICK_PROTOCOLS`); a volume already segmented
+    perfectly gets a padding point (label -1)."""
     coords = torch.zeros(prediction.shape[0], 1, 3, device=prediction.device)
     labels = torch.full((prediction.shape[0], 1), -1, dtype=torch.long, device=prediction.device)
     for b in range(prediction.shape[0]):
-        click = uniform_error_click(prediction[b], target[b], generator)
+        click = simulated_click(protocol, prediction[b], target[b], click_index, generator)
         if click is not None:
             coords[b, 0], labels[b, 0] = click[0].to(coords.device), click[1]
     return coords, labels
@@ -58,6 +63,10 @@ class InteractiveSegmentation(nn.Module):
         num_click_steps: decoder steps.
         mask_only_step_range: inclusive range of the random step that passes no click.
         last_step_mask_only: whether the last step passes no click either.
+        click_memory: what a step gets besides the previous logits (:data:`custom.prompts.CLICK_MEMORIES`):
+            ``"newest"`` click (upstream's training) or ``"all"`` clicks so far; inference must use the same.
+        click_protocol: how the clicks are drawn (:data:`custom.prompts.CLICK_PROTOCOLS`; upstream: uniform).
+        detach_previous: cut the gradient through the previous step's logits (upstream keeps it).
     """
 
     def __init__(
@@ -66,12 +75,18 @@ class InteractiveSegmentation(nn.Module):
         num_click_steps: int = 11,
         mask_only_step_range: Sequence[int] = (2, 8),
         last_step_mask_only: bool = True,
+        click_memory: str = "newest",
+        click_protocol: str = "uniform",
+        detach_previous: bool = False,
     ) -> None:
         super().__init__()
         self.network = network
         self.num_click_steps = num_click_steps
         self.mask_only_step_range = tuple(mask_only_step_range)
         self.last_step_mask_only = last_step_mask_only
+        self.click_memory = check_click_memory(click_memory)
+        self.click_protocol = click_protocol
+        self.detach_previous = detach_previous
 
     def forward(
         self, image: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
@@ -83,12 +98,22 @@ class InteractiveSegmentation(nn.Module):
         lo, hi = self.mask_only_step_range
         random_mask_step = int(torch.randint(lo, hi + 1, (1,), generator=generator))
         low_res, outputs = None, []
+        history: list[tuple[torch.Tensor, torch.Tensor]] = []
+        clicks = 0
         for step in range(self.num_click_steps):
             mask_only = step > 0 and (
                 step == random_mask_step or (self.last_step_mask_only and step == self.num_click_steps - 1)
             )
-            coords, labels = (None, None) if mask_only else simulate_clicks(prediction, truth, generator)
-            low_res, _ = self.network.decode(embedding, coords, labels, low_res)
+            if mask_only:
+                coords, labels = None, None
+            else:
+                clicks += 1
+                history.append(simulate_clicks(prediction, truth, generator, self.click_protocol, clicks))
+                chosen = history[-1:] if self.click_memory == "newest" else history
+                coords = torch.cat([c for c, _ in chosen], dim=1)
+                labels = torch.cat([label for _, label in chosen], dim=1)
+            previous = low_res.detach() if self.detach_previous and low_res is not None else low_res
+            low_res, _ = self.network.decode(embedding, coords, labels, previous)
             logits = upsample_logits(low_res, image.shape[2:])
             outputs.append(logits)
             prediction = logits.detach()[:, 0] > 0

@@ -107,8 +107,45 @@ def uniform_click(
     return uniform_error_click(prediction, target, generator)
 
 
+def largest_error_click(
+    prediction: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int] | None:
+    """The click of the CVPR 2025 interactive 3D segmentation challenge (``CVPR25_iter_eval.py``): the error
+    region's largest 26-connected component, the Euclidean distance transform over that component's bounding
+    box padded by ``max(25 %, 1 voxel)`` per axis, the click at its maximum (ties broken by a seeded uniform
+    choice); foreground where the ground truth is foreground.
+
+    Returns:
+        the voxel ``(3,)`` (float, array order) and its label, or None when the prediction is perfect.
+    """
+    error = (prediction ^ target).cpu().numpy()
+    if not error.any():
+        return None
+    components, count = ndimage.label(error, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(components.ravel())[1:]
+    component = components == int(np.argmax(sizes)) + 1
+    box = []
+    for axis, extent in enumerate(component.shape):
+        present = np.nonzero(component.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        lo, hi = int(present[0]), int(present[-1]) + 1
+        pad = max(int(round(0.25 * (hi - lo))), 1)
+        box.append(slice(max(lo - pad, 0), min(hi + pad, extent)))
+    distance = ndimage.distance_transform_edt(component[tuple(box)])
+    candidates = np.argwhere(distance == distance.max())
+    pick = candidates[int(torch.randint(len(candidates), (1,), generator=generator))] + [b.start for b in box]
+    point = torch.as_tensor(pick, dtype=torch.float32)
+    return point, int(target.cpu()[tuple(int(c) for c in pick)])
+
+
+def cvpr25_click(
+    prediction: torch.Tensor, target: torch.Tensor, click_index: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int] | None:
+    """Every click at the centre of the largest error component (see :func:`largest_error_click`)."""
+    return largest_error_click(prediction, target, generator)
+
+
 #: Named click-simulation protocols: ``(prediction, target, click_index (1-based), generator) -> click``.
-CLICK_PROTOCOLS = MappingProxyType({"uniform": uniform_click, "paper": paper_click})
+CLICK_PROTOCOLS = MappingProxyType({"uniform": uniform_click, "paper": paper_click, "cvpr25": cvpr25_click})
 
 
 def simulated_click(
