@@ -1,7 +1,7 @@
 """Speed and memory of the network and the workflows on this machine: one table, ratios measured in the same run.
 
     python benchmarks/run.py                 # everything (several minutes on 2 cores)
-    python benchmarks/run.py --only encoder  # one group: encoder, click, case, ct, training
+    python benchmarks/run.py --only encoder  # one group: encoder, click, case, ct, onnx, training
 
 Each figure is the median of several runs after a warm-up, with ``torch.set_num_threads(2)``; each row runs
 in its own process, so that its peak resident memory (``ru_maxrss``) is its own.
@@ -356,6 +356,62 @@ def bench_ct_click(name: str, repeats: int) -> dict:
     return {"seconds": statistics.median(quiet) if quiet else float("nan"), "note": note}
 
 
+def bench_onnx(name: str, repeats: int) -> dict:
+    """onnxruntime (CPU, ``bundle/scripts/export.py --format onnx``) against eager torch for one variant: the
+    encoder of one window and one prompt step, medians; and the largest relative difference of their outputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from custom.networks import build_sam_med3d, load_checkpoint
+    from custom.networks.export import export_onnx
+
+    network = build_sam_med3d(name).eval()
+    if name == "sam_med3d_lite":
+        load_checkpoint(network, REPO / "bundle" / "models" / "model.pt")
+    folder = Path(tempfile.mkdtemp())
+    encode_path, prompt_path = export_onnx(network, folder)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    encode = ort.InferenceSession(str(encode_path), options, providers=["CPUExecutionProvider"])
+    prompt = ort.InferenceSession(str(prompt_path), options, providers=["CPUExecutionProvider"])
+    size = network.img_size
+    image = torch.randn(1, 1, size, size, size)
+    with torch.no_grad():
+        embedding = network.encode(image)
+    clicks, labels = torch.tensor([[[size / 2, size / 2 - 3, size / 2 + 2]]]), torch.tensor([[1]])
+    low_res = torch.zeros(1, 1, *[4 * g for g in embedding.shape[2:]])
+    feeds = {
+        "embedding": embedding.numpy(),
+        "point_coords": clicks.numpy(),
+        "point_labels": labels.numpy(),
+        "mask_input": low_res.numpy(),
+    }
+
+    def torch_encode():
+        with torch.no_grad():
+            return network.encode(image)
+
+    def torch_prompt():
+        with torch.no_grad():
+            return network.decode(embedding, clicks, labels, low_res)[0]
+
+    times = {
+        "torch_encode": _median_seconds(torch_encode, repeats),
+        "onnx_encode": _median_seconds(lambda: encode.run(None, {"image": image.numpy()}), repeats),
+        "torch_prompt": _median_seconds(torch_prompt, 5 * repeats),
+        "onnx_prompt": _median_seconds(lambda: prompt.run(None, feeds), 5 * repeats),
+    }
+    error_encode = np.abs(encode.run(None, {"image": image.numpy()})[0] - embedding.numpy()).max()
+    error_prompt = np.abs(prompt.run(None, feeds)[0] - torch_prompt().numpy()).max()
+    return {
+        "seconds": times["onnx_encode"],
+        "note": "encode torch {torch_encode:.3f} s / onnxruntime {onnx_encode:.3f} s; prompt step torch "
+        "{torch_prompt:.4f} s / onnxruntime {onnx_prompt:.4f} s".format(**times)
+        + f"; max rel. diff {error_encode / np.abs(embedding.numpy()).max():.1e} / "
+        f"{error_prompt / np.abs(torch_prompt().numpy()).max():.1e}",
+    }
+
+
 def bench_training(spec: str, repeats: int) -> dict:
     """Training steps per second (11 click steps, batch 2, the variant's window): ``<network>-<fp32|bf16>``, on
     CUDA when there is one (then with its peak memory), else on this CPU."""
@@ -405,6 +461,7 @@ ROWS = {
     ],
     "click": [("click", "fp32", 10), ("click", "bf16", 10)],
     "case": [("case", "fp32", 2), ("case", "bf16", 2)],
+    "onnx": [("onnx", "sam_med3d_lite", 5), ("onnx", "sam_med3d", 3)],
     "ct": [
         ("ct_inference", "sam_med3d_lite", 1),
         ("ct_evaluation", "sam_med3d_lite", 1),
@@ -428,6 +485,7 @@ BENCHES = {
     "click": bench_click,
     "case": bench_case,
     "training": bench_training,
+    "onnx": bench_onnx,
     "ct_inference": bench_ct_inference,
     "ct_evaluation": bench_ct_evaluation,
     "ct_click": bench_ct_click,

@@ -50,7 +50,8 @@ def _train(run_dir: Path, minutes: float, train_datalists: list[str], overrides:
     losses: list[float] = []
 
     def budget(engine) -> None:
-        losses.append(float(engine.state.output["loss"]))
+        output = engine.state.output
+        losses.append(float((output[0] if isinstance(output, list) else output)["loss"]))
         if time.perf_counter() - started > minutes * 60:
             engine.terminate()
 
@@ -135,13 +136,14 @@ def main(
     hippocampus: str,
     openkbp: str,
     output_dir: str = "runs/experiments",
-    override: str = "{}",
-    eval_override: str = "{}",
+    override: str | dict = "{}",
+    eval_override: str | dict = "{}",
     hippocampus_cases: int = 20,
     openkbp_cases: int = 10,
 ) -> None:
     torch.set_num_threads(2)
-    overrides, eval_overrides = json.loads(override), json.loads(eval_override)
+    # fire gives a JSON argument already parsed
+    overrides, eval_overrides = (v if isinstance(v, dict) else json.loads(v) for v in (override, eval_override))
     run_dir = Path(output_dir) / name
     result = {"name": name, "override": overrides, "minutes": minutes}
     result.update(_train(run_dir, minutes, list(train_datalists), overrides))

@@ -557,6 +557,17 @@ class EpochSampler(Sampler):
             yield key % (2**31), share[position]
 
 
+class SamplerEpochHandler:
+    """Trainer handler that keeps an :class:`EpochSampler` at the trainer's epoch and position (a handler entry
+    of its own, so that the config's handler list holds components only)."""
+
+    def __init__(self, sampler: EpochSampler) -> None:
+        self.sampler = sampler
+
+    def attach(self, engine: Any) -> None:
+        self.sampler.attach(engine)
+
+
 class SeededDataset(Dataset):
     """A dataset in two parts: ``cache_transform`` (the deterministic part: load, orient, clamp) applied once and
     kept in memory by a ``CacheDataset``, then ``transform`` (the random part: target, crop, resampling, flips)

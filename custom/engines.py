@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from monai.data import MetaTensor
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines import IterationEvents, SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import CheckpointLoader
 from monai.utils import CommonKeys as Keys
 from torch import nn
@@ -170,7 +170,16 @@ class InteractiveTrainingStep:
                 self.scaler.update()
             else:
                 engine.optimizer.step()
-        return {Keys.IMAGE: image, Keys.LABEL: target, Keys.PRED: step_logits[-1].detach(), Keys.LOSS: loss.item()}
+        engine.state.output = {
+            Keys.IMAGE: image,
+            Keys.LABEL: target,
+            Keys.PRED: step_logits[-1].detach(),
+            Keys.LOSS: loss.detach(),
+        }
+        # as MONAI's own iteration does: the engine's decollation and post-processing run on this event, so
+        # handlers read the output the MONAI way (``from_engine(["loss"], first=True)``, MLflow included)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
 
 
 class ClickValidationStep:

@@ -16,7 +16,7 @@ from torch import nn
 from .precision import autocast, check_autocast_dtype
 from .predictor import VolumetricPredictor
 from .prompts import check_click_memory
-from .transforms import PROMPT_FAILED, PROMPT_REPORT, normalize_crop
+from .transforms import PROMPT_FAILED, PROMPT_REPORT, PROMPTS_META, normalize_crop
 
 
 class PromptedInferer(Inferer):
@@ -78,8 +78,8 @@ class PromptedInferer(Inferer):
         self,
         inputs: torch.Tensor,
         network: nn.Module,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
         *args: Any,
         object_labels: torch.Tensor | None = None,
         prev_mask: torch.Tensor | None = None,
@@ -92,7 +92,9 @@ class PromptedInferer(Inferer):
         Args:
             inputs: ``(B, 1, D, H, W)`` images as stored (MetaTensor: the affine defines the grid).
             network: the promptable network.
-            point_coords: ``(B, n_objects, n_max, 3)`` voxel indices of the stored grid, array order.
+            point_coords: ``(B, n_objects, n_max, 3)`` voxel indices of the stored grid, array order; None: the
+                prompts :class:`~custom.transforms.ClicksToVoxelsd` left in the image's metadata (an inferer
+                called as ``inferer(inputs, network)``, as MONAI Label does).
             point_labels: ``(B, n_objects, n_max)``: 1 positive, 0 negative, -1 padding.
             object_labels: ``(B, n_objects)`` label of each object (default 1, 2, ...).
             prev_mask: ``(B, 1, D, H, W)`` an earlier label map to continue from (an empty tensor or None:
@@ -108,6 +110,8 @@ class PromptedInferer(Inferer):
         if not isinstance(inputs, MetaTensor):
             raise TypeError("PromptedInferer needs the images as MetaTensors (their affines define the grids)")
         batch = inputs.shape[0]
+        if point_coords is None:
+            point_coords, point_labels, object_labels = self._prompts_from_metadata(inputs)
         if object_labels is None:
             object_labels = torch.arange(1, point_coords.shape[1] + 1).expand(batch, -1)
         per_volume = [
@@ -145,6 +149,29 @@ class PromptedInferer(Inferer):
         result.meta[PROMPT_REPORT] = reports
         result.meta[PROMPT_FAILED] = failed
         return result
+
+    @staticmethod
+    def _prompts_from_metadata(inputs: MetaTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        stored = inputs.meta.get(PROMPTS_META)
+        if stored is None:
+            raise ValueError(
+                "no prompts: pass point_coords and point_labels, or prepare the image with "
+                "custom.transforms.ClicksToVoxelsd, which leaves them in its metadata"
+            )
+        per_volume = [json.loads(s) for s in (stored if isinstance(stored, (list, tuple)) else [stored])]
+        if len(per_volume) != inputs.shape[0]:
+            per_volume = per_volume * inputs.shape[0]
+        n_objects = max(len(p["object_labels"]) for p in per_volume)
+        n_max = max(len(points) for p in per_volume for points in p["point_coords"])
+        coords = torch.zeros(len(per_volume), n_objects, n_max, 3)
+        labels = torch.full((len(per_volume), n_objects, n_max), -1, dtype=torch.long)
+        objects = torch.zeros(len(per_volume), n_objects, dtype=torch.long)
+        for b, prompts in enumerate(per_volume):
+            for i, (points, marks) in enumerate(zip(prompts["point_coords"], prompts["point_labels"])):
+                coords[b, i, : len(points)] = torch.tensor(points)
+                labels[b, i, : len(marks)] = torch.tensor(marks)
+            objects[b, : len(prompts["object_labels"])] = torch.tensor(prompts["object_labels"])
+        return coords, labels, objects
 
     @staticmethod
     def _segment(

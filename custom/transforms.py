@@ -92,6 +92,25 @@ class EnsureVolumed(MapTransform):
         return d
 
 
+class LoadPrevMaskd(MapTransform):
+    """Load an earlier label map (``prev_mask``) when the case has one, channel first: a transform of its own
+    rather than a second ``LoadImaged`` with a missing key, which MONAI Label's loader wrapper does not allow."""
+
+    def __init__(self, keys: KeysCollection = "prev_mask") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        from monai.transforms import EnsureChannelFirst, LoadImage
+
+        self.load = LoadImage(image_only=True)
+        self.channel_first = EnsureChannelFirst()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], (str, os.PathLike)):
+                d[key] = self.channel_first(self.load(d[key]))
+        return d
+
+
 class MatchPrevMaskd(MapTransform):
     """After the spatial pre-processing: check that an earlier mask (``prev_mask``) matches its image (same
     stored shape and, resampled alike, the same grid); give cases without one an empty tensor, so that every
@@ -114,6 +133,86 @@ class MatchPrevMaskd(MapTransform):
                     f"{_source_name(d[key])}: prev_mask of shape {stored[0]} does not match its image "
                     f"{_source_name(image)} of shape {stored[1]} (or lies on another grid)"
                 )
+        return d
+
+
+#: where :class:`ClicksToVoxelsd` also leaves the prompts, in the image's metadata (JSON), for an inferer that
+#: is called as ``inferer(inputs, network)`` (MONAI Label)
+PROMPTS_META = "prompted_objects"
+
+
+class ClientPromptsd(MapTransform):
+    """Clicks as interactive clients send them (MONAI Label, 3D Slicer) -> this bundle's ``objects``.
+
+    Accepted, when the item has no ``objects`` yet (voxel indices of the image as stored):
+
+    - ``{"foreground": [[i, j, k], ...], "background": [[i, j, k], ...]}`` (MONAI Label's deepgrow and SAM
+      clients): one object, its positive and negative clicks;
+    - label-name keys as MONAI Label's deepedit sends them, ``{"liver": [[...]], "spleen": [[...]],
+      "background": [[...]]}``: one object per name with clicks, label values from ``label_names`` (else 1,
+      2, ... in the order given); the ``background`` clicks are negative clicks of every object.
+
+    Args:
+        keys: the image key (only to name the case in errors).
+        label_names: name -> label value for deepedit-style keys.
+        objects_key: where the objects go (then checked by :class:`ClicksToVoxelsd`).
+    """
+
+    RESERVED = frozenset({"image", "label", "foreground", "background", "objects", "case", "modality", "prev_mask"})
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        label_names: Mapping[str, int] | None = None,
+        objects_key: str = "objects",
+    ) -> None:
+        super().__init__(keys)
+        self.label_names = {str(k).lower(): int(v) for k, v in (label_names or {}).items()}
+        self.objects_key = objects_key
+
+    @staticmethod
+    def _points(value: Any) -> list[list[float]] | None:
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+            return None
+        if not all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 3 for p in value):
+            return None
+        return [[float(c) for c in p] for p in value]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.objects_key in d:
+            return d
+        negatives = self._points(d.get("background")) or []
+        named = {
+            str(k): points
+            for k, v in d.items()
+            if isinstance(k, str) and k.lower() not in self.RESERVED and (points := self._points(v)) is not None
+        }
+        objects = []
+        if self._points(d.get("foreground")):
+            named = {"foreground": self._points(d["foreground"])}
+        for index, (name, positives) in enumerate(named.items(), start=1):
+            value = self.label_names.get(name.lower(), 1 if name == "foreground" else index)
+            objects.append(
+                {
+                    "label": value,
+                    "name": name,
+                    "points": positives + negatives,
+                    "point_labels": [1] * len(positives) + [0] * len(negatives),
+                    "space": "voxel",
+                }
+            )
+        if not objects:
+            raise CaseError(
+                f"{_source_name(d.get(self.first_key(d)))}: no clicks: expected 'objects', or 'foreground' / "
+                "'background' voxel lists, or label-name keys with voxel lists"
+            )
+        d[self.objects_key] = objects
+        d.setdefault("case", case_name(_source_name(d.get(self.first_key(d)))))
         return d
 
 
@@ -161,6 +260,13 @@ class ClicksToVoxelsd(MapTransform):
         d[POINT_LABELS] = torch.as_tensor(labels)
         d[OBJECT_LABELS] = torch.as_tensor([obj["label"] for obj in objects], dtype=torch.int64)
         d[PROMPT_REQUEST] = json.dumps(objects)
+        if isinstance(image, MetaTensor):
+            prompts = {
+                "point_coords": coords.tolist(),
+                "point_labels": labels.tolist(),
+                "object_labels": d[OBJECT_LABELS].tolist(),
+            }
+            image.meta[PROMPTS_META] = json.dumps(prompts)
         return d
 
 

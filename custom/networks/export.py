@@ -73,3 +73,41 @@ def save_programs(encode, prompt, output_dir: str | os.PathLike) -> tuple[Path, 
     for program, path in zip((encode, prompt), paths):
         write_atomic(path, lambda tmp, program=program: torch.export.save(program, tmp))
     return paths
+
+
+def export_onnx(
+    network: nn.Module, output_dir: str | os.PathLike, image_size: int | None = None, max_points: int = 64
+) -> tuple[Path, Path]:
+    """Write ``encode.onnx`` and ``prompt_step.onnx`` (``torch.onnx.export`` with the dynamo exporter), for
+    onnxruntime on a CPU: the inputs and outputs of :class:`EncodeStep` and :class:`PromptStep`, the number of
+    clicks dynamic up to ``max_points``."""
+    network = network.eval()
+    size = int(image_size or network.img_size)
+    image = torch.zeros(1, 1, size, size, size)
+    with torch.no_grad():
+        embedding = network.encode(image)
+    low_res = torch.zeros(1, 1, *[4 * g for g in embedding.shape[2:]])
+    clicks, labels = torch.zeros(1, 2, 3), torch.ones(1, 2, dtype=torch.long)
+    num_points = torch.export.Dim("num_points", min=1, max=max_points)
+    output_dir = Path(output_dir)
+    paths = output_dir / "encode.onnx", output_dir / "prompt_step.onnx"
+    specs = (
+        (EncodeStep(network), (image,), None, ["image"], ["embedding"]),
+        (
+            PromptStep(network),
+            (embedding, clicks, labels, low_res),
+            {"embedding": None, "point_coords": {1: num_points}, "point_labels": {1: num_points}, "mask_input": None},
+            ["embedding", "point_coords", "point_labels", "mask_input"],
+            ["low_res_logits", "iou"],
+        ),
+    )
+    for (module, args, dynamic, inputs, outputs), path in zip(specs, paths):
+
+        def write(tmp: str, module=module, args=args, dynamic=dynamic, inputs=inputs, outputs=outputs) -> None:
+            program = torch.onnx.export(
+                module, args, dynamo=True, dynamic_shapes=dynamic, input_names=inputs, output_names=outputs
+            )
+            program.save(tmp)
+
+        write_atomic(path, write)
+    return paths

@@ -216,7 +216,9 @@ class Attention(nn.Module):
     def _merge_heads(self, out: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
         """``(B, heads, N, C / heads)`` -> projected ``(B, D, H, W, C)``."""
         b = out.shape[0]
-        out = out.transpose(1, 2).reshape(b, *grid, self.num_heads * self.head_dim)
+        # an explicit copy: exporters decompose attention into other layouts, where a view of the transpose fails
+        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        out = out.view(b, *grid, self.num_heads * self.head_dim)
         return self.proj(out)
 
     def forward(self, x: torch.Tensor, window_size: int | None = None) -> torch.Tensor:

@@ -1,0 +1,277 @@
+"""The bundle as others meet it: the zoo-layout package (offline model-zoo checks, a fresh virtual environment),
+property checks, MLflow tracking, MONAI Label's real server, and ONNX for CPU deployment."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from importlib.metadata import version
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, randomize_
+from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
+
+BUNDLE = REPO_ROOT / "bundle"
+SCHEMA = REPO_ROOT / "tests" / "data" / "meta_schema_20240725.json"
+SAMPLE = BUNDLE / "sample" / "images" / "openkbp_pt_243.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, str(BUNDLE / "scripts/package.py"), "--output_dir", str(out)], check=True)
+    return out / "sam_med3d"
+
+
+def test_the_package_passes_the_offline_model_zoo_checks(package):
+    for required in ("LICENSE", "configs/metadata.json", "configs/inference.json", "models/model.pt", "docs/README.md"):
+        assert (package / required).is_file(), required
+    assert (package / "custom" / "predictor.py").is_file() and not list(package.rglob("__pycache__"))
+    metadata = json.loads((package / "configs/metadata.json").read_text())
+    assert metadata["version"] in metadata["changelog"]
+    verify_metadata(meta_file=str(package / "configs/metadata.json"), filepath=str(SCHEMA))
+    for config in (package / "configs").glob("*.json"):
+        content = json.loads(config.read_text())
+        assert content.get("bundle_root", ".") == ".", config.name
+    with zipfile.ZipFile(package.parent / "sam_med3d.zip") as archive:
+        names = set(archive.namelist())
+    assert {"sam_med3d/LICENSE", "sam_med3d/custom/predictor.py", "sam_med3d/models/model.pt"} <= names
+    # verify_net_in_out from inside the package, the network built from the package's own code
+    here = os.getcwd()
+    os.chdir(package)
+    sys.path.insert(0, str(package))
+    try:
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=str(package / "configs/metadata.json"),
+            config_file=str(package / "configs/inference.json"),
+            bundle_root=str(package),
+        )
+    finally:
+        sys.path.remove(str(package))
+        os.chdir(here)
+
+
+def test_required_packages_are_what_the_code_imports_and_what_is_installed():
+    metadata = json.loads((BUNDLE / "configs/metadata.json").read_text())
+    required = metadata["required_packages_version"]
+    for package_name, pinned in required.items():
+        assert version(package_name) == pinned, package_name
+    assert version("monai") == metadata["monai_version"] and version("numpy") == metadata["numpy_version"]
+    assert version("torch").split("+")[0] == metadata["pytorch_version"]
+    provided = {"torch", "monai", "numpy", "nibabel", "ignite", "itk", "fire", "scipy", "tensorboard", "tqdm"}
+    provided |= {"matplotlib"}
+    imported = set()
+    for source in list((REPO_ROOT / "custom").rglob("*.py")) + list((BUNDLE / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("custom", "__future__")}
+    # onnx / onnxruntime / monai.bundle helpers are optional (export only)
+    assert third_party - {"onnx", "onnxruntime", "onnxscript"} <= provided, third_party - provided
+
+
+def test_train_and_infer_workflows_have_their_properties(tmp_path):
+    for config, kind in (("train.json", "train"), ("inference.json", "infer")):
+        workflow = ConfigWorkflow(
+            config_file=str(BUNDLE / "configs" / config),
+            meta_file=str(BUNDLE / "configs/metadata.json"),
+            workflow_type=kind,
+            output_dir=str(tmp_path / kind),
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == [], kind
+        parser = workflow.parser
+    train = json.loads((BUNDLE / "configs/train.json").read_text())
+    assert isinstance(train["train"]["handlers"], list) and all(isinstance(h, dict) for h in train["train"]["handlers"])
+    assert "inferer" in train["train"] and parser is not None
+
+
+def test_mlflow_tracking_with_a_local_store(tmp_path):
+    pytest.importorskip("mlflow")
+    import mlflow
+    from monai.utils import path_to_sqlite_uri
+
+    store = path_to_sqlite_uri(str(tmp_path / "mlruns.db"))  # a local file (MLflow 3 has no plain-file store)
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs/train.json"),
+        workflow_type="train",
+        output_dir=str(tmp_path / "run"),
+        tracking="mlflow",
+        tracking_uri=store,
+        experiment_name="sam_med3d_test",
+        network_name="sam_med3d_tiny",
+        pretrained_ckpt=None,
+        epochs=1,
+        val_interval=1,
+        num_workers=0,
+        progress_bar=False,
+        **{"network_def#image_size": 64},
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    client = mlflow.tracking.MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("sam_med3d_test")
+    runs = client.search_runs([experiment.experiment_id])
+    metrics = set().union(*(run.data.metrics for run in runs))
+    assert "train_loss" in metrics and "val_dice_5clicks" in metrics, metrics
+
+
+def test_onnx_programs_match_eager(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from custom.networks import build_sam_med3d
+    from custom.networks.export import export_onnx
+
+    network = randomize_(build_sam_med3d("sam_med3d_tiny", image_size=64), seed=9).eval()
+    encode_path, prompt_path = export_onnx(network, tmp_path)
+    encode = ort.InferenceSession(str(encode_path), providers=["CPUExecutionProvider"])
+    prompt = ort.InferenceSession(str(prompt_path), providers=["CPUExecutionProvider"])
+    image = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        embedding = network.encode(image)
+        ours = encode.run(None, {"image": image.numpy()})[0]
+        assert np.abs(ours - embedding.numpy()).max() <= 1e-4 * np.abs(embedding.numpy()).max()
+        previous = torch.randn(1, 1, 16, 16, 16)
+        for n in (1, 3, 7):  # the number of clicks is dynamic
+            clicks, labels = 63 * torch.rand(1, n, 3), torch.randint(0, 2, (1, n))
+            expected, _ = network.decode(embedding, clicks, labels, previous)
+            inputs = {
+                "embedding": embedding.numpy(),
+                "point_coords": clicks.numpy(),
+                "point_labels": labels.numpy(),
+                "mask_input": previous.numpy(),
+            }
+            logits = prompt.run(None, inputs)[0]
+            assert np.abs(logits - expected.numpy()).max() <= 1e-4 * np.abs(expected.numpy()).max(), n
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _torchvision_stand_in(folder: Path) -> Path:
+    """torchvision does not import beside this torch build ('operator torchvision::nms does not exist'), and
+    MONAI Label imports torchvision.utils when it starts (for 2D pathology previews, never on this path)."""
+    package = folder / "torchvision"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('"""Stand-in for MONAI Label\'s start-up import."""\n')
+    (package / "utils.py").write_text(
+        "def make_grid(*args, **kwargs):\n    raise NotImplementedError('torchvision stand-in')\n\n\n"
+        "def save_image(*args, **kwargs):\n    raise NotImplementedError('torchvision stand-in')\n"
+    )
+    return folder
+
+
+def test_monai_label_serves_the_bundle(package, tmp_path):
+    if importlib.util.find_spec("monailabel") is None:
+        pytest.skip("monailabel is not installed (pip install --no-deps monailabel==0.8.5 and the extra 'monailabel')")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / SAMPLE.name).write_bytes(SAMPLE.read_bytes())
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(_torchvision_stand_in(tmp_path / "shim")))
+    command = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(package / "monailabel"),
+        "--studies",
+        str(studies),
+        "--conf",
+        "bundle",
+        str(package),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        for _ in range(120):
+            try:
+                info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=5).read())
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(1)
+        assert "sam_med3d" in info["models"]
+        click = [69, 64, 33]  # voxel indices of the stored image: inside the brainstem
+        result = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "-f",
+                "-X",
+                "POST",
+                f"http://127.0.0.1:{port}/infer/sam_med3d?image=openkbp_pt_243&output=image",
+                "-F",
+                "params=" + json.dumps({"foreground": [click], "background": []}),
+                "-o",
+                str(tmp_path / "label.nii.gz"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    label, source = nib.load(tmp_path / "label.nii.gz"), nib.load(SAMPLE)
+    mask = np.asarray(label.dataobj)
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(label.affine, source.affine, atol=1e-4)
+    assert mask[tuple(click)] > 0 and 100 < (mask > 0).sum() < 0.05 * mask.size
+    assert not (package / "eval").exists()  # the bundle's own saver is left to MONAI Label's writer
+
+
+def test_the_package_runs_in_a_fresh_virtual_environment(package, tmp_path):
+    """Only the bundle's declared packages, not this project: the default inference from inside the folder."""
+    metadata = json.loads((package / "configs/metadata.json").read_text())
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run(pip + [f"torch=={metadata['pytorch_version']}"], check=True, timeout=900)
+    pins = [f"monai=={metadata['monai_version']}", f"numpy=={metadata['numpy_version']}"]
+    pins += [f"{name}=={pinned}" for name, pinned in metadata["required_packages_version"].items()]
+    subprocess.run(pip + pins, check=True, timeout=900)
+    probe = subprocess.run(
+        [python, "-c", "import importlib.util as u; print(u.find_spec('custom') is None)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert probe.stdout.strip() == "True"  # nothing of this project outside the package
+    run = subprocess.run(
+        [python, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"],
+        capture_output=True,
+        text=True,
+        cwd=package,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    mask = nib.load(package / "eval" / "openkbp_pt_243" / "openkbp_pt_243_seg.nii.gz")
+    assert mask.shape == nib.load(SAMPLE).shape and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2, 3, 4, 7}
