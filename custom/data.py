@@ -346,6 +346,18 @@ def dataset_modality(path: str | os.PathLike) -> str:
     return str(listed.get("0", "")) if isinstance(listed, Mapping) else str(listed)
 
 
+def dataset_labels(datalist: str | os.PathLike | Sequence[Any]) -> dict[str, str]:
+    """Label value (as a string) -> name, from the first MSD ``dataset.json``'s ``labels``; ``{}`` when the
+    datalist names none (a plain list of entries)."""
+    first = datalist if isinstance(datalist, (str, os.PathLike)) else (datalist[0] if datalist else None)
+    if not isinstance(first, (str, os.PathLike)) or not Path(first).is_file():
+        return {}
+    with open(first) as handle:
+        content = json.load(handle)
+    labels = content.get("labels", {}) if isinstance(content, Mapping) else {}
+    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {}
+
+
 def read_labelled_datalist(
     datalist: str | os.PathLike | Sequence[str | os.PathLike],
     data_list_key: str = "training",
@@ -355,18 +367,30 @@ def read_labelled_datalist(
     ``modality`` (the dataset's ``modality["0"]``, e.g. ``"CT"``, which chooses the intensity clamping).
 
     Args:
-        datalist: one file or a list of files.
+        datalist: one file or a list of files; a file may also hold a plain list of ``{"image", "label"}``
+            entries, and ``datalist`` may be such a list itself (as MONAI Label and MONAI FL pass data).
         data_list_key: the list to read in each file.
         dataset_dir: the folder relative paths start from (one datalist only); default: the file's folder.
     """
     from monai.data import load_decathlon_datalist
 
+    if isinstance(datalist, Sequence) and not isinstance(datalist, str) and datalist:
+        if all(isinstance(entry, Mapping) for entry in datalist):
+            base = Path(dataset_dir) if dataset_dir else Path.cwd()
+            return [_absolute_entry(entry, base) for entry in datalist]
     paths = [Path(datalist)] if isinstance(datalist, (str, os.PathLike)) else [Path(p) for p in datalist]
     entries = []
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"datalist {str(path)!r} does not exist")
         base = Path(dataset_dir) if dataset_dir and len(paths) == 1 else path.parent
+        with open(path) as handle:
+            content = json.load(handle)
+        if isinstance(content, list):
+            if not content:
+                raise ValueError(f"datalist {str(path)!r} is empty")
+            entries.extend(_absolute_entry(entry, base) for entry in content)
+            continue
         try:
             listed = load_decathlon_datalist(
                 str(path), is_segmentation=True, data_list_key=data_list_key, base_dir=str(base)
@@ -378,6 +402,18 @@ def read_labelled_datalist(
         modality = dataset_modality(path)
         entries.extend(dict(entry, modality=modality) for entry in listed)
     return entries
+
+
+def _absolute_entry(entry: Any, base: Path) -> dict[str, Any]:
+    """A plain ``{"image", "label"}`` entry with its paths made absolute against ``base``."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"a datalist entry must be a dict with 'image' and 'label', got {entry!r}")
+    absolute = dict(entry)
+    for key in ("image", "label"):
+        if key in absolute and not Path(str(absolute[key])).is_absolute():
+            absolute[key] = str(base / str(absolute[key]))
+    absolute.setdefault("modality", "")
+    return absolute
 
 
 def check_labelled_entries(

@@ -273,3 +273,50 @@ def test_training_window_is_centred_on_the_target(jitter_mm):
         assert len(target) > 0 and set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}
         centre = (target.min(0).values + target.max(0).values) / 2
         assert torch.all((centre - 15.5).abs() <= jitter_mm / 1.5 + 1.5), centre
+
+
+def test_plain_image_label_entries_train_and_evaluate(tmp_path):
+    # how MONAI Label and MONAI FL pass data: no classes, no modality, straight into train#dataset#data
+    entries = [
+        {
+            "image": str(MINI / "imagesTr" / f"hippocampus_{n}.nii.gz"),
+            "label": str(MINI / "labelsTr" / f"hippocampus_{n}.nii.gz"),
+        }
+        for n in ("001", "003")
+    ]
+    trainer, _, _ = train(
+        tmp_path / "train",
+        epochs=1,
+        val_interval=1,
+        **{"train#dataset#data": entries, "validate#dataset#data": entries},
+    )
+    assert trainer.state.iteration == 1
+    (tmp_path / "plain.json").write_text(json.dumps(entries))
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "evaluate.json"),
+        workflow_type="infer",
+        datalist=str(tmp_path / "plain.json"),
+        output_dir=str(tmp_path / "eval"),
+        network_name="sam_med3d_tiny",
+        ckpt_path=str(tmp_path / "train" / "model_latest.pt"),
+        num_clicks=2,
+        **{"network_def#image_size": 64, "report#progress": False},
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["overall"]["targets"] == 4  # two cases, two classes each, found in the labels
+
+
+def test_an_empty_label_is_named(tmp_path):
+    from custom.data import CaseError
+    from custom.transforms import LabelClassesd
+
+    empty = nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    nib.save(empty, tmp_path / "empty.nii.gz")
+    from monai.transforms import LoadImaged
+
+    item = LoadImaged("label", image_only=True, ensure_channel_first=True)({"label": str(tmp_path / "empty.nii.gz")})
+    with pytest.raises(CaseError, match="empty.nii.gz: the label has no class"):
+        LabelClassesd("label")(item)
