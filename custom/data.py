@@ -120,16 +120,59 @@ def _check_point_list(
     return checked, [int(label) for label in labels]
 
 
+BOX_KEYS = ("box", "box_world", "box_2d")
+
+
+def _parse_box(case: str, what: str, entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """An object's box: ``box`` / ``box_world`` ``{"min": [i, j, k], "max": [i, j, k]}`` (voxels / mm, closed), or
+    ``box_2d`` in the CVPR 2025 challenge's form (``z_min, z_max, z_mid, z_mid_x_min, z_mid_y_min, z_mid_x_max,
+    z_mid_y_max``, voxel indices, array axes (z, y, x)). Returns ``{"min", "max", "space"}`` or None."""
+    from .prompts import box_from_challenge
+
+    given = [k for k in BOX_KEYS if k in entry]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise CaseError(f"case {case!r}, {what}: give one of {', '.join(BOX_KEYS)}, not {given}")
+    key, box = given[0], entry[given[0]]
+    if not isinstance(box, Mapping):
+        raise CaseError(f"case {case!r}, {what}: {key!r} must be a dict, got {box!r}")
+    try:
+        if key == "box_2d":
+            low, high = box_from_challenge(box)
+        else:
+            low, high = ([float(c) for c in box[k]] for k in ("min", "max"))
+            if len(low) != 3 or len(high) != 3 or not all(math.isfinite(c) for c in low + high):
+                raise ValueError("each corner needs 3 finite numbers")
+            if key == "box" and any(h < lo for lo, h in zip(low, high)):
+                raise ValueError(f"min {low} is not <= max {high}")
+    except (KeyError, TypeError, ValueError) as err:
+        raise CaseError(f"case {case!r}, {what}: {key!r} {dict(box)!r} is not a box: {err}") from None
+    return {"min": low, "max": high, "space": "world" if key == "box_world" else "voxel"}
+
+
 def _parse_object(
     case: str, entry: Mapping[str, Any], label: int, what: str, need_positive: bool = True
 ) -> dict[str, Any]:
-    if ("points" in entry) == ("points_world" in entry):
+    box = _parse_box(case, what, entry)
+    if "points" in entry and "points_world" in entry:
         raise CaseError(f"case {case!r}, {what}: give exactly one of 'points' (voxels) or 'points_world' (mm)")
-    space = "voxel" if "points" in entry else "world"
-    points, labels = _check_point_list(
-        case, what, entry["points" if space == "voxel" else "points_world"], entry.get("point_labels"), need_positive
-    )
+    if "points" not in entry and "points_world" not in entry:
+        if box is None:
+            raise CaseError(f"case {case!r}, {what}: give 'points' (voxels), 'points_world' (mm) or a box")
+        points, labels, space = [], [], box["space"]
+    else:
+        space = "voxel" if "points" in entry else "world"
+        points, labels = _check_point_list(
+            case,
+            what,
+            entry["points" if space == "voxel" else "points_world"],
+            entry.get("point_labels"),
+            need_positive and box is None,
+        )
     parsed = {"label": label, "points": points, "point_labels": labels, "space": space}
+    if box is not None:
+        parsed["box"] = box
     if "name" in entry:
         parsed["name"] = str(entry["name"])
     return parsed
@@ -428,13 +471,22 @@ def check_labelled_entries(
     problems, checked = [], []
     names = unique_case_names([e.get("image", "?") for e in entries], [e.get("case") for e in entries])
     for entry, case in zip(entries, names):
-        missing = [k for k in ("image", "label") if k not in entry or not Path(entry[k]).exists()]
+        needed = ("image",) if str(entry.get("image", "")).lower().endswith(".npz") else ("image", "label")
+        missing = [k for k in needed if k not in entry or not Path(entry[k]).exists()]
         if missing:
             problems.append(f"{case}: {', '.join(f'{k} {entry.get(k)!r}' for k in missing)} does not exist")
             continue
         try:
-            image_shape = tuple(reader(entry["image"]).shape)
-            label = reader(entry["label"])
+            if str(entry["image"]).lower().endswith(".npz"):
+                from .transforms import read_npz_case
+
+                loaded = read_npz_case(entry["image"])
+                image_shape, label = tuple(loaded["image"].shape), loaded.get("label")
+                if label is None:
+                    raise ValueError("the case holds no 'gts'")
+            else:
+                image_shape = tuple(reader(entry["image"]).shape)
+                label = reader(entry["label"])
         except Exception as err:  # report unreadable files with the others
             problems.append(f"{case}: unreadable ({type(err).__name__}: {err})")
             continue

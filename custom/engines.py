@@ -55,6 +55,35 @@ def simulate_clicks(
     return coords, labels
 
 
+def simulate_boxes(target: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One box per volume as its two corner points: ``(B, D, H, W)`` bool target -> coords ``(B, 2, 3)``, labels
+    ``(B, 2)`` (``BOX_MIN``, ``BOX_MAX``; padding for an empty target). Half of the boxes are the target's 3D
+    extent with a random margin of up to 5 % of the window per side, half the CVPR 2025 challenge's box
+    widened by 0 to 6 voxels per 256 of the window."""
+    from .networks.prompt_encoder import BOX_MAX, BOX_MIN
+    from .prompts import box_from_challenge, challenge_box
+
+    b, *size = target.shape
+    coords = torch.zeros(b, 2, 3, device=target.device)
+    labels = torch.full((b, 2), -1, dtype=torch.long, device=target.device)
+    for i in range(b):
+        if not target[i].any():
+            continue
+        if float(torch.rand((), generator=generator)) < 0.5:
+            present = torch.nonzero(target[i]).float()
+            spread = torch.rand(2, 3, generator=generator) * 0.05 * torch.tensor(size, dtype=torch.float32)
+            low = (present.min(0).values.cpu() - spread[0]).clamp(min=0)
+            high = torch.minimum(present.max(0).values.cpu() + spread[1], torch.tensor(size, dtype=torch.float32) - 1)
+        else:
+            widen = int(torch.randint(0, round(6 * max(size) / 256) + 1, (1,), generator=generator))
+            # training windows are RAS-oriented: the axial axis is the last
+            box = challenge_box(target[i], widen, axial_axis=2)
+            low, high = (torch.tensor(c) for c in box_from_challenge(box, axial_axis=2))
+        coords[i] = torch.stack([low, high]).to(coords.device)
+        labels[i] = torch.tensor([BOX_MIN, BOX_MAX])
+    return coords, labels
+
+
 class InteractiveSegmentation(nn.Module):
     """One forward = one simulated interaction: ``(image, target) -> logits of every step``.
 
@@ -67,6 +96,10 @@ class InteractiveSegmentation(nn.Module):
             ``"newest"`` click (upstream's training) or ``"all"`` clicks so far; inference must use the same.
         click_protocol: how the clicks are drawn (:data:`custom.prompts.CLICK_PROTOCOLS`; upstream: uniform).
         detach_previous: cut the gradient through the previous step's logits (upstream keeps it).
+        box_probability: how often the first prompt is a box instead of a click (networks built with
+            ``box_prompts`` only): half of them a 3D box of the target's extent with a random margin, half the
+            CVPR 2025 challenge's box (a 2D box on the middle foreground slice and the z range), widened by 0 to 6
+            voxels per 256.
     """
 
     def __init__(
@@ -78,8 +111,12 @@ class InteractiveSegmentation(nn.Module):
         click_memory: str = "newest",
         click_protocol: str = "uniform",
         detach_previous: bool = False,
+        box_probability: float = 0.0,
     ) -> None:
         super().__init__()
+        if box_probability > 0 and not getattr(getattr(network, "prompt_encoder", None), "box_prompts", False):
+            raise ValueError("box_probability > 0 needs a network built with box_prompts=True (box embeddings)")
+        self.box_probability = float(box_probability)
         self.network = network
         self.num_click_steps = num_click_steps
         self.mask_only_step_range = tuple(mask_only_step_range)
@@ -108,7 +145,11 @@ class InteractiveSegmentation(nn.Module):
                 coords, labels = None, None
             else:
                 clicks += 1
-                history.append(simulate_clicks(prediction, truth, generator, self.click_protocol, clicks))
+                box_first = step == 0 and self.box_probability > 0
+                if box_first and float(torch.rand((), generator=generator)) < self.box_probability:
+                    history.append(simulate_boxes(truth, generator))
+                else:
+                    history.append(simulate_clicks(prediction, truth, generator, self.click_protocol, clicks))
                 chosen = history[-1:] if self.click_memory == "newest" else history
                 coords = torch.cat([c for c, _ in chosen], dim=1)
                 labels = torch.cat([label for _, label in chosen], dim=1)

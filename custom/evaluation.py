@@ -35,7 +35,7 @@ from .prompts import simulated_click
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("case", "class", "click", "point", "positive", "dice", "nsd", "seconds")
+FIELDS = ("case", "class", "click", "point", "positive", "dice", "nsd", "seconds", "case_seconds")
 
 
 def _foreground_box(*masks: torch.Tensor, margin: int = 1) -> tuple[slice, ...] | None:
@@ -107,6 +107,9 @@ class ClickEvaluationStep:
         failures: an object with ``report_failure(message)`` (the run's case list): a case that fails is
             reported there and the evaluation goes on.
         report: the :class:`EvaluationReport` that writes the rows and knows the targets already done.
+        no_box_classes: with ``protocol="cvpr25"``: classes that get no box (the challenge does so for vessel-like
+            classes): their step 0 scores 0 and their first click is at the centre of the largest ground-truth
+            component.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class ClickEvaluationStep:
         nsd_tolerance_mm: float = 1.0,
         failures: Any = None,
         report: EvaluationReport | None = None,
+        no_box_classes: Sequence[int] = (),
     ) -> None:
         if num_clicks < 1:
             raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
@@ -130,6 +134,7 @@ class ClickEvaluationStep:
         self.nsd_tolerance_mm = nsd_tolerance_mm
         self.failures = failures
         self.report = report
+        self.no_box_classes = {int(c) for c in no_box_classes}
 
     def click_generator(self, case: str, target_class: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(f"{case}/{target_class}".encode()))
@@ -156,8 +161,15 @@ class ClickEvaluationStep:
         modality = batchdata.get("modality", [""])[0]
         predictor = self.inferer.predictor(network)
         network.eval()
+        started = time.perf_counter()
         source = {"filename_or_obj": image.meta.get("filename_or_obj", case)}
         predictor.set_image(MetaTensor(image.as_tensor(), affine=image.affine, meta=source), modality=str(modality))
+        if self.protocol == "cvpr25":
+            given = batchdata.get("challenge_boxes")
+            given = json.loads(given[0]) if given is not None and given[0] else None
+            return self._evaluate_case_cvpr25(
+                predictor, truth_map, spacing, np.asarray(label.affine), classes, case, given, started
+            )
         labels = truth_map.numpy()
         truth_boxes = ndimage.find_objects(labels if labels.dtype.kind in "iu" else labels.astype(np.int32))
         rows = []
@@ -200,6 +212,141 @@ class ClickEvaluationStep:
                 self.report.add_target(target_rows)
             rows.extend(target_rows)
         return rows
+
+    def _evaluate_case_cvpr25(
+        self,
+        predictor,
+        truth_map: torch.Tensor,
+        spacing: np.ndarray,
+        affine: np.ndarray,
+        classes: Sequence[int],
+        case: str,
+        given_boxes: Sequence[Mapping[str, float]] | None,
+        started: float,
+    ) -> list[dict[str, Any]]:
+        """The CVPR 2025 challenge's interaction on one case (``CVPR25_iter_eval.py``): step 0 a box per class
+        (the case's own boxes, else the challenge's box of each ground-truth class, on slices across the array
+        axis that ``affine`` runs most nearly head to foot), then ``num_clicks`` steps
+        that refine every class at once, each click at the centre of the largest component of that class's error
+        on the multi-class prediction (:func:`custom.prompts.largest_error_click`). Scores on that prediction."""
+        from .prompts import axial_axis, box_from_challenge, challenge_box
+
+        axial = axial_axis(affine)
+        rows: list[dict[str, Any]] = []
+        order = [(c, c) for c in sorted(classes)]
+        truths = {c: truth_map == c for c in classes}
+
+        def score(step: int, prompts: Mapping[int, tuple[str, Any, float]]) -> None:
+            composite = predictor.label_map(order)
+            for c in classes:
+                predicted = composite == c
+                dice, nsd = dice_and_nsd(predicted, truths[c], spacing, self.nsd_tolerance_mm)
+                kind, where, seconds = prompts.get(c, ("", "", 0.0))
+                rows.append(
+                    {
+                        "case": case,
+                        "class": c,
+                        "click": step,
+                        "point": where,
+                        "positive": kind,
+                        "dice": round(dice, 6),
+                        "nsd": round(nsd, 6),
+                        "seconds": round(seconds, 4),
+                    }
+                )
+
+        prompts: dict[int, tuple[str, Any, float]] = {}
+        for index, c in enumerate(classes):
+            if c in self.no_box_classes:
+                continue
+            box = None
+            if given_boxes is not None and index < len(given_boxes) and given_boxes[index]:
+                box = given_boxes[index]
+            if box is not None:  # the case's own boxes are in the challenge's (D, H, W) array order
+                low, high = box_from_challenge(box)
+            else:
+                low, high = box_from_challenge(challenge_box(truths[c], axial_axis=axial), axial_axis=axial)
+            tick = time.perf_counter()
+            predictor.add_box(c, low, high)
+            prompts[c] = ("box", " ".join(str(int(v)) for v in low + high), time.perf_counter() - tick)
+        score(0, prompts)
+        for step in range(1, self.num_clicks + 1):
+            composite = predictor.label_map(order)
+            planned = {}
+            for c in classes:
+                generator = self.click_generator(case, c * 1000 + step)
+                click = simulated_click("cvpr25", composite == c, truths[c], step, generator)
+                if click is not None:
+                    planned[c] = click
+            prompts = {}
+            for c, (point, positive) in planned.items():
+                tick = time.perf_counter()
+                predictor.add_click(c, point.tolist(), bool(positive))
+                prompts[c] = (positive, " ".join(str(int(v)) for v in point.tolist()), time.perf_counter() - tick)
+            score(step, prompts)
+        seconds = time.perf_counter() - started
+        for row in rows:
+            row["case_seconds"] = round(seconds, 3)
+        if self.report is not None:
+            self.report.add_target([row for row in rows if not self.report.is_done(case, row["class"])])
+        return rows
+
+
+def cvpr25_summary(rows: Sequence[Mapping[str, Any]], num_clicks: int) -> dict[str, Any]:
+    """The challenge's scores from per-(case, class, step) rows: per step the case's DSC (mean over its classes)
+    and NSD (same mean, counted only where that mean DSC > 0.2, else 0); ``DSC_AUC`` / ``NSD_AUC``, the trapezoid
+    over the click steps at x = 0 .. num_clicks - 1 (the box step excluded); ``DSC_Final`` / ``NSD_Final`` after
+    the last click; means over cases. Per class the same without the gate, and the running time per case
+    against the challenge's budget of 90 s per class."""
+    by_case: dict[str, dict[int, dict[int, Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        by_case[row["case"]][int(row["click"])][int(row["class"])] = row
+    steps = range(1, num_clicks + 1)
+    x = np.arange(num_clicks, dtype=float)
+
+    def auc(values: Sequence[float]) -> float:
+        return float(np.trapezoid(values, x)) if len(values) > 1 else float(values[0])
+
+    cases, per_class = [], defaultdict(lambda: defaultdict(list))
+    for case, by_step in by_case.items():
+        dsc = {k: float(np.mean([float(r["dice"]) for r in by_step[k].values()])) for k in by_step}
+        nsd = {
+            k: float(np.mean([float(r["nsd"]) for r in by_step[k].values()])) if dsc[k] > 0.2 else 0.0 for k in by_step
+        }
+        seconds = max(float(r.get("case_seconds") or 0) for r in by_step[0].values())
+        classes = sorted(by_step[0])
+        cases.append(
+            {
+                "case": case,
+                "DSC_box": dsc[0],
+                "DSC_AUC": auc([dsc[k] for k in steps]),
+                "NSD_AUC": auc([nsd[k] for k in steps]),
+                "DSC_Final": dsc[num_clicks],
+                "NSD_Final": nsd[num_clicks],
+                "seconds": seconds,
+                "budget_seconds": 90.0 * len(classes),
+            }
+        )
+        for c in classes:
+            curve = [float(by_step[k][c]["dice"]) for k in steps]
+            nsd_curve = [float(by_step[k][c]["nsd"]) for k in steps]
+            per_class[str(c)]["DSC_AUC"].append(auc(curve))
+            per_class[str(c)]["NSD_AUC"].append(auc(nsd_curve))
+            per_class[str(c)]["DSC_Final"].append(curve[-1])
+            per_class[str(c)]["NSD_Final"].append(nsd_curve[-1])
+            per_class[str(c)]["DSC_box"].append(float(by_step[0][c]["dice"]))
+    keys = ("DSC_box", "DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final")
+    overall = {k: float(np.mean([c[k] for c in cases])) for k in keys} if cases else {}
+    overall["cases"] = len(cases)
+    overall["within_time_budget"] = sum(c["seconds"] <= c["budget_seconds"] for c in cases)
+    return {
+        "overall": overall,
+        "per_class": {
+            c: {k: float(np.mean(v)) for k, v in scores.items()} | {"targets": len(scores["DSC_AUC"])}
+            for c, scores in sorted(per_class.items(), key=lambda kv: int(kv[0]))
+        },
+        "cases": cases,
+    }
 
 
 def summarize(
@@ -349,9 +496,14 @@ class EvaluationReport:
                 by_target[(parsed["case"], parsed["class"])][parsed["click"]] = parsed
         rows = []
         for clicks in by_target.values():
-            if set(clicks) == set(range(1, self.num_clicks + 1)):
+            if set(clicks) == set(range(self.first_step, self.num_clicks + 1)):
                 rows.extend(clicks[k] for k in sorted(clicks))
         return rows
+
+    @property
+    def first_step(self) -> int:
+        """The cvpr25 protocol scores a step 0 (the box) before the clicks."""
+        return 0 if self.settings.get("protocol") == "cvpr25" else 1
 
     @staticmethod
     def _csv(rows: Sequence[Mapping[str, Any]], header: bool = False) -> str:
@@ -363,22 +515,26 @@ class EvaluationReport:
         return buffer.getvalue()
 
     def add_target(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """One finished target: its rows appended to ``metrics.csv`` (one write, flushed), the bar advanced."""
+        """Finished targets (one, or a case's under cvpr25): their rows appended to ``metrics.csv`` (one write,
+        flushed), the bar advanced."""
         if not self.metrics_path.is_file():
             write_text_atomic(self.metrics_path, self._csv([], header=True))
         append_line_durably(self.metrics_path, self._csv(rows))
         self.rows.extend(dict(row) for row in rows)
-        if rows:
-            self._done.add((rows[0]["case"], int(rows[0]["class"])))
+        targets = {(row["case"], int(row["class"])) for row in rows}
+        self._done |= targets
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(len(targets))
 
     def write(self) -> dict[str, Any]:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        summary = dict(self.settings, **summarize(self.rows, self.num_clicks))
+        click_rows = [row for row in self.rows if int(row["click"]) >= 1]
+        summary = dict(self.settings, **summarize(click_rows, self.num_clicks))
+        if self.first_step == 0:
+            summary["cvpr25"] = cvpr25_summary(self.rows, self.num_clicks)
         summary["failed_cases"] = list(getattr(self.failures, "failures", []))
         write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         if self.rows:
@@ -401,6 +557,16 @@ class EvaluationReport:
             )
         overall = summary["overall"]
         lines.append(f"{'overall':<20}{overall['targets']:>5}" + "".join(f"{overall[k]:>10.3f}" for k in keys))
+        challenge = summary.get("cvpr25")
+        if challenge and challenge["overall"].get("cases"):
+            names = ("DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final")
+            lines.append(f"{'CVPR25':<20}{'n':>5}" + "".join(f"{k:>10}" for k in names))
+            for label, scores in challenge["per_class"].items():
+                lines.append(
+                    f"{self._name(label):<20}{scores['targets']:>5}" + "".join(f"{scores[k]:>10.3f}" for k in names)
+                )
+            overall = challenge["overall"]
+            lines.append(f"{'cases':<20}{overall['cases']:>5}" + "".join(f"{overall[k]:>10.3f}" for k in names))
         timing = summary.get("seconds_per_click")
         if timing and timing["clicks"]:
             lines.append(

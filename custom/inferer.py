@@ -85,6 +85,7 @@ class PromptedInferer(Inferer):
         prev_mask: torch.Tensor | None = None,
         modality: Sequence[str] | str | None = None,
         case: Sequence[str] | str | None = None,
+        boxes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Label maps on the stored grid for a batch of volumes.
@@ -101,9 +102,11 @@ class PromptedInferer(Inferer):
                 none): each object continues from its own label's region.
             modality: per volume (chooses the intensity clamping).
             case: per volume, the name failures are reported under.
+            boxes: ``(B, n_objects, 2, 3)`` each object's box (min and max corner, stored-grid voxels; NaN: none),
+                given before its clicks.
 
         Returns:
-            ``(B, 1, D, H, W)`` int16 label maps (later objects overwrite earlier ones), a MetaTensor with the
+            ``(B, 1, D, H, W)`` int16 label maps (where objects overlap, the higher logit wins), a MetaTensor with the
             input's metadata and, under ``prompt_report``, one JSON report per volume (``prompt_failed``: which
             volumes failed).
         """
@@ -111,7 +114,7 @@ class PromptedInferer(Inferer):
             raise TypeError("PromptedInferer needs the images as MetaTensors (their affines define the grids)")
         batch = inputs.shape[0]
         if point_coords is None:
-            point_coords, point_labels, object_labels = self._prompts_from_metadata(inputs)
+            point_coords, point_labels, boxes, object_labels = self._prompts_from_metadata(inputs)
         if object_labels is None:
             object_labels = torch.arange(1, point_coords.shape[1] + 1).expand(batch, -1)
         per_volume = [
@@ -135,6 +138,7 @@ class PromptedInferer(Inferer):
                     object_labels,
                     prev_mask,
                     str(per_volume[0][b] or ""),
+                    boxes,
                 )
             except Exception as err:  # one bad case must not stop the others
                 if self.failures is None:
@@ -151,7 +155,7 @@ class PromptedInferer(Inferer):
         return result
 
     @staticmethod
-    def _prompts_from_metadata(inputs: MetaTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _prompts_from_metadata(inputs: MetaTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         stored = inputs.meta.get(PROMPTS_META)
         if stored is None:
             raise ValueError(
@@ -165,13 +169,17 @@ class PromptedInferer(Inferer):
         n_max = max(len(points) for p in per_volume for points in p["point_coords"])
         coords = torch.zeros(len(per_volume), n_objects, n_max, 3)
         labels = torch.full((len(per_volume), n_objects, n_max), -1, dtype=torch.long)
+        boxes = torch.full((len(per_volume), n_objects, 2, 3), float("nan"))
         objects = torch.zeros(len(per_volume), n_objects, dtype=torch.long)
         for b, prompts in enumerate(per_volume):
             for i, (points, marks) in enumerate(zip(prompts["point_coords"], prompts["point_labels"])):
                 coords[b, i, : len(points)] = torch.tensor(points)
                 labels[b, i, : len(marks)] = torch.tensor(marks)
+            for i, box in enumerate(prompts.get("boxes", [])):
+                if box is not None:
+                    boxes[b, i] = torch.tensor(box)
             objects[b, : len(prompts["object_labels"])] = torch.tensor(prompts["object_labels"])
-        return coords, labels, objects
+        return coords, labels, boxes, objects
 
     @staticmethod
     def _segment(
@@ -183,6 +191,7 @@ class PromptedInferer(Inferer):
         object_labels: torch.Tensor,
         prev_mask: torch.Tensor | None,
         modality: str,
+        boxes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """One volume's objects through the predictor: its ``(1, D, H, W)`` label map and report."""
         predictor.set_image(image, modality=modality)
@@ -192,6 +201,8 @@ class PromptedInferer(Inferer):
                 earlier = torch.as_tensor(prev_mask[b, 0]) == label
                 if earlier.any():
                     predictor.set_mask(index, earlier)
+            if boxes is not None and boxes.numel() > 0 and not torch.isnan(boxes[b, index]).any():
+                predictor.add_box(index, boxes[b, index, 0].tolist(), boxes[b, index, 1].tolist())
             valid = point_labels[b, index] >= 0
             for point, positive in zip(point_coords[b, index][valid].tolist(), point_labels[b, index][valid]):
                 predictor.add_click(index, point, bool(positive))

@@ -33,9 +33,10 @@ from monai.data import MetaTensor
 from monai.data.utils import compute_importance_map
 from monai.transforms import EnsureChannelFirst, LoadImage, Orientation
 
+from .networks.prompt_encoder import BOX_MAX, BOX_MIN
 from .networks.sam_med3d import LOW_RES_UPSCALE, upsample_logits
 from .precision import autocast, check_autocast_dtype
-from .prompts import CLICK_MEMORIES, check_click_memory, deepest_point, prompt_clicks
+from .prompts import CLICK_MEMORIES, check_click_memory, deepest_point, prompt_points
 from .spacing import AxisAlignedSpacingd, NetworkGrid
 from .transforms import extract_window, normalize_crop
 
@@ -45,7 +46,8 @@ Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 @dataclass
 class _Window:
     start: tuple[int, int, int]
-    clicks: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # window-local coords, label
+    # one group per prompt step (a click, or a box's two corners): window-local coords and labels
+    prompts: list[list[tuple[torch.Tensor, int]]] = field(default_factory=list)
     low_res: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (S, S, S) float32
 
@@ -57,6 +59,8 @@ class _Object:
     prior: torch.Tensor | None = None  # an earlier mask on the network grid (bool)
     prior_box: list[tuple[int, int]] | None = None  # its bounding box on the stored grid
     clicks: int = 0
+    boxes: int = 0
+    box_as_click: bool = False
     prompt_steps: int = 0
     ignored_clicks: int = 0
     encoded: int = 0
@@ -199,10 +203,38 @@ class VolumetricPredictor:
         return self._object(key).mask
 
     def label_map(self, keys_and_labels: Sequence[tuple[Any, int]]) -> torch.Tensor:
-        """The objects' masks as one ``(D, H, W)`` int16 label map; later objects overwrite earlier ones."""
-        out = torch.zeros(self._require_image().stored_shape, dtype=torch.int16)
+        """The objects' masks as one ``(D, H, W)`` int16 label map. Where masks overlap, the object with the
+        higher blended logit there wins (a voxel of a mask that no window reaches, from :meth:`set_mask`, counts
+        as logit 0); on a tie, the later object."""
+        grid = self._require_image()
+        out = torch.zeros(grid.stored_shape, dtype=torch.int16)
+        claims = torch.zeros(grid.stored_shape, dtype=torch.uint8)
         for key, label in keys_and_labels:
             out[self.mask(key)] = int(label)
+            claims += self.mask(key)
+        contested = claims > 1
+        if not contested.any():
+            return out
+        # only the box of the contested voxels needs the objects' logits on the stored grid
+        where = torch.nonzero(contested)
+        origin, end = where.min(0).values.tolist(), (where.max(0).values + 1).tolist()
+        crop = tuple(slice(lo, hi) for lo, hi in zip(origin, end))
+        best = torch.full([hi - lo for lo, hi in zip(origin, end)], -torch.inf)
+        winner = out[crop].clone()
+        for key, label in keys_and_labels:
+            obj = self._object(key)
+            inside = obj.mask[crop] & contested[crop]
+            if not inside.any():
+                continue
+            score = torch.zeros_like(best)
+            for start in obj.windows:
+                box = self._window_box(start)
+                blended = self._blend(obj, box)
+                if blended is not None:
+                    grid.paste(blended[0], box, score, origin)
+            wins = inside & (score >= best)
+            best[wins], winner[wins] = score[wins], int(label)
+        out[crop] = torch.where(contested[crop], winner, out[crop])
         return out
 
     def set_mask(self, key: Any, mask: torch.Tensor) -> None:
@@ -240,6 +272,12 @@ class VolumetricPredictor:
             "windows": [list(start) for start in obj.windows],
             "windows_encoded": obj.encoded,
             "clicks": obj.clicks,
+            "boxes": obj.boxes,
+            **(
+                {"box_given_as": "a positive click at its centre (the network has no box embeddings)"}
+                if obj.box_as_click
+                else {}
+            ),
             "prompt_steps": obj.prompt_steps,
             "ignored_clicks": obj.ignored_clicks,
             "seconds": round(obj.seconds, 4),
@@ -269,7 +307,57 @@ class VolumetricPredictor:
             )
         obj = self._object(key)
         obj.clicks += 1
-        changed = self._apply_click(obj, grid.stored_to_network(stored)[0], int(bool(positive)))
+        point = grid.stored_to_network(stored)[0]
+        changed = self._apply_prompt(obj, point, [(point, int(bool(positive)))])
+        self._paste(obj, changed)
+        obj.seconds += time.perf_counter() - started
+        return obj.mask
+
+    @property
+    def supports_boxes(self) -> bool:
+        """Whether the network embeds boxes (:class:`~custom.networks.prompt_encoder.PromptEncoder3D`'s
+        ``box_prompts``); without, a box becomes a positive click at its centre."""
+        return bool(getattr(getattr(self.network, "prompt_encoder", None), "box_prompts", False))
+
+    def add_box(
+        self, key: Any, box_min: Sequence[float], box_max: Sequence[float], space: str = "voxel"
+    ) -> torch.Tensor:
+        """A box on an object, its minimum and maximum corners (closed; voxel indices of the stored grid, or
+        world coordinates with ``space="world"``). A network without box embeddings (the released weights) gets
+        a positive click at the box's centre instead, and the report says so. Returns the updated mask.
+
+        Raises:
+            ValueError: a corner outside the image, or ``box_min > box_max``.
+        """
+        started = time.perf_counter()
+        grid = self._require_image()
+        corners = np.asarray([box_min, box_max], np.float64).reshape(2, 3)
+        if space == "world":
+            corners = grid.world_to_stored(corners)
+        elif space != "voxel":
+            raise ValueError(f"space must be 'voxel' or 'world', got {space!r}")
+        low, high = corners.min(0), corners.max(0)
+        if space == "voxel" and np.any(corners[0] > corners[1]):
+            raise ValueError(f"box min {list(box_min)} is not <= max {list(box_max)} on every axis")
+        shape = np.asarray(grid.stored_shape)
+        if np.any(low < -0.5) or np.any(high > shape - 0.5):
+            raise ValueError(
+                f"box {list(box_min)}..{list(box_max)} ({space}) leaves the image of shape {shape.tolist()}"
+            )
+        obj = self._object(key)
+        obj.boxes += 1
+        centre = grid.stored_to_network((low + high) / 2)[0]
+        if self.supports_boxes:
+            # the network grid may flip axes: the 8 corners' extent there
+            cube = np.array(
+                [[a, b, c] for a in (low[0], high[0]) for b in (low[1], high[1]) for c in (low[2], high[2])]
+            )
+            mapped = grid.stored_to_network(cube)
+            group = [(mapped.min(0).values, BOX_MIN), (mapped.max(0).values, BOX_MAX)]
+        else:
+            obj.box_as_click = True
+            group = [(centre, 1)]
+        changed = self._apply_prompt(obj, centre, group)
         self._paste(obj, changed)
         obj.seconds += time.perf_counter() - started
         return obj.mask
@@ -280,8 +368,12 @@ class VolumetricPredictor:
     def _centred(self, point: torch.Tensor) -> tuple[int, int, int]:
         return tuple(int(round(float(p))) - self.size // 2 for p in point)
 
-    def _apply_click(self, obj: _Object, point: torch.Tensor, label: int) -> list[tuple[int, int, int]]:
-        """The prompt steps of one click (network-grid coordinates), then growth; returns the changed windows."""
+    def _apply_prompt(
+        self, obj: _Object, point: torch.Tensor, group: list[tuple[torch.Tensor, int]]
+    ) -> list[tuple[int, int, int]]:
+        """The prompt steps of one click or box (``group``, network-grid coordinates; ``point``: where it is,
+        the click or the box's centre), then growth; returns the changed windows."""
+        label = 0 if all(lab == 0 for _, lab in group) else 1
         affected = [start for start in obj.windows if self._inside(point, start)]
         if not affected and len(obj.windows) >= self.max_windows:
             obj.ignored_clicks += 1  # outside the object's windows, and no window left to open
@@ -298,14 +390,19 @@ class VolumetricPredictor:
                 if pseudo is None:
                     obj.ignored_clicks += 1
                     return []
-                window.clicks.append((pseudo, 1))
+                window.prompts.append([(pseudo, 1)])
             obj.windows[start] = window
             affected = [start]
         for start in affected:
             window = obj.windows[start]
-            window.clicks.append((point - torch.tensor(start, dtype=torch.float32), label))
+            offset = torch.tensor(start, dtype=torch.float32)
+            window.prompts.append([(self._clipped(p - offset), lab) for p, lab in group])
             self._prompt_step(obj, window)
         return affected + self._grow(obj, affected)
+
+    def _clipped(self, local: torch.Tensor) -> torch.Tensor:
+        """A window-local point kept inside the window (a box corner may lie beyond it)."""
+        return local.clamp(0, self.size - 1)
 
     def _pseudo_click(self, obj: _Object, start: Sequence[int]) -> torch.Tensor | None:
         """The deepest voxel of the object's current prediction (or earlier mask) inside a window, window-local."""
@@ -330,7 +427,7 @@ class VolumetricPredictor:
                 pseudo = self._pseudo_click(obj, neighbour)
                 if pseudo is None:
                     continue
-                window = _Window(neighbour, clicks=[(pseudo, 1)])
+                window = _Window(neighbour, prompts=[[(pseudo, 1)]])
                 obj.windows[neighbour] = window
                 self._prompt_step(obj, window)
                 queue.append(neighbour)
@@ -378,7 +475,7 @@ class VolumetricPredictor:
                 size = [LOW_RES_UPSCALE * g for g in embedding.shape[2:]]
                 fraction = F.interpolate(prior[None].float(), size=size, mode="area")
                 mask_input = ((2 * fraction - 1) * self.prev_mask_logit).to(self.device)
-        coords, labels = prompt_clicks(window.clicks, self.click_memory)
+        coords, labels = prompt_points(window.prompts, self.click_memory)
         with torch.no_grad(), autocast(self.device, self.autocast_dtype):
             low_res, _ = self.network.decode(
                 embedding, coords[None].to(self.device), labels[None].to(self.device), mask_input

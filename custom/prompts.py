@@ -5,8 +5,9 @@ Coordinates are voxel indices in array order, as float tensors ``(3,)``; masks a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +26,64 @@ def check_click_memory(name: str) -> str:
     return name
 
 
-def prompt_clicks(clicks: Sequence[tuple[torch.Tensor, int]], memory: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The points of one prompt step from a window's clicks so far (oldest first): ``(n, 3)`` coords and ``(n,)``
-    labels, the newest click alone or all of them (``memory``, see :data:`CLICK_MEMORIES`)."""
-    chosen = clicks[-1:] if check_click_memory(memory) == "newest" else clicks
-    return torch.stack([c for c, _ in chosen]).float(), torch.tensor([label for _, label in chosen])
+def prompt_points(
+    steps: Sequence[Sequence[tuple[torch.Tensor, int]]], memory: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The points of one prompt step from a window's prompts so far, one group per step (a click, or a box's
+    two corners), oldest first: ``(n, 3)`` coords and ``(n,)`` labels of the newest group alone or of all of
+    them (``memory``, see :data:`CLICK_MEMORIES`)."""
+    chosen = steps[-1:] if check_click_memory(memory) == "newest" else steps
+    points = [point for group in chosen for point in group]
+    return torch.stack([c for c, _ in points]).float(), torch.tensor([label for _, label in points])
+
+
+def box_from_challenge(box: Mapping[str, float], axial_axis: int = 0) -> tuple[list[float], list[float]]:
+    """The CVPR 2025 challenge's box (``z_min, z_max, z_mid, z_mid_x_min, z_mid_y_min, z_mid_x_max,
+    z_mid_y_max``: a 2D box on slice ``z_mid`` and the z range, closed intervals) as the 3D box ``(min, max)`` it
+    spans, in array order. z is array axis ``axial_axis`` (0 in the challenge's (D, H, W) arrays); y and x are the
+    other two axes, in order.
+
+    Raises:
+        ValueError: naming a missing key or an empty interval.
+    """
+    keys = ("z_min", "z_max", "z_mid_x_min", "z_mid_y_min", "z_mid_x_max", "z_mid_y_max")
+    missing = [k for k in keys if k not in box]
+    if missing:
+        raise ValueError(f"box {dict(box)!r} lacks {missing} (the challenge's keys: {', '.join(keys)}, z_mid)")
+    low = [float(box["z_min"]), float(box["z_mid_y_min"]), float(box["z_mid_x_min"])]
+    high = [float(box["z_max"]), float(box["z_mid_y_max"]), float(box["z_mid_x_max"])]
+    if any(h < lo for lo, h in zip(low, high)):
+        raise ValueError(f"box {dict(box)!r} has an empty interval (min > max)")
+    order = [axial_axis] + [a for a in range(3) if a != axial_axis]  # array axis of z, y, x
+    return [low[order.index(a)] for a in range(3)], [high[order.index(a)] for a in range(3)]
+
+
+def challenge_box(target: torch.Tensor, margin: int = 0, axial_axis: int = 0) -> dict[str, int] | None:
+    """The challenge's box of a 3D ground truth: the z range of the target (z: array axis ``axial_axis``, 0 in
+    the challenge's (D, H, W) arrays), and on its middle foreground slice the 2D bounding box widened by ``margin``
+    voxels (clipped); None if empty."""
+    array = np.moveaxis(target.cpu().numpy().astype(bool), axial_axis, 0)
+    slices = np.nonzero(array.any(axis=(1, 2)))[0]
+    if len(slices) == 0:
+        return None
+    z_min, z_max = int(slices[0]), int(slices[-1])
+    z_mid = int(slices[len(slices) // 2])
+    ys, xs = np.nonzero(array[z_mid])
+    h, w = array.shape[1:]
+    return {
+        "z_min": z_min,
+        "z_max": z_max,
+        "z_mid": z_mid,
+        "z_mid_x_min": max(int(xs.min()) - margin, 0),
+        "z_mid_y_min": max(int(ys.min()) - margin, 0),
+        "z_mid_x_max": min(int(xs.max()) + margin, w - 1),
+        "z_mid_y_max": min(int(ys.max()) + margin, h - 1),
+    }
+
+
+def axial_axis(affine: Any) -> int:
+    """The array axis of a voxel-to-world ``affine`` (RAS or LPS) that runs most nearly head to foot."""
+    return int(np.argmax(np.abs(np.asarray(affine, np.float64)[2, :3])))
 
 
 def deepest_point(mask: torch.Tensor) -> torch.Tensor | None:

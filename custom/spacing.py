@@ -225,14 +225,23 @@ class NetworkGrid:
             box.append((int(inside[0]), int(inside[-1]) + 1))
         return box
 
-    def paste(self, region: torch.Tensor, network_box: Sequence[tuple[int, int]], out: torch.Tensor) -> None:
-        """Write a network-grid ``region`` (the values over ``network_box``) into the stored-grid volume ``out``
-        by nearest neighbour, over the stored box it covers."""
+    def paste(
+        self,
+        region: torch.Tensor,
+        network_box: Sequence[tuple[int, int]],
+        out: torch.Tensor,
+        origin: Sequence[int] = (0, 0, 0),
+    ) -> None:
+        """Write a network-grid ``region`` (the values over ``network_box``) into ``out`` by nearest neighbour,
+        over the stored box it covers; ``out`` is the stored grid, or the part of it from stored voxel ``origin``."""
         box = self.stored_box(network_box)
         if box is None:
+            return
+        box = [(max(lo, o), min(hi, o + n)) for (lo, hi), o, n in zip(box, origin, out.shape)]
+        if any(hi <= lo for lo, hi in box):
             return
         values = region.permute(*self.network_axis)  # stored axis order, network indices
         for a, (lo, hi) in enumerate(box):
             start = network_box[self.network_axis[a]][0]
             values = values.index_select(a, (self._nearest[a][lo:hi] - start).to(values.device))
-        out[tuple(slice(lo, hi) for lo, hi in box)] = values.to(out.device, out.dtype)
+        out[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, origin))] = values.to(out.device, out.dtype)

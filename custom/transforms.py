@@ -23,7 +23,7 @@ from .data import CaseError, case_name, safe_name
 from .files import write_atomic, write_text_atomic
 
 #: keys the pre-processing adds for the inferer (``PrepareBatchExtraInput`` passes them on).
-POINT_COORDS, POINT_LABELS, OBJECT_LABELS = "point_coords", "point_labels", "object_labels"
+POINT_COORDS, POINT_LABELS, OBJECT_LABELS, BOXES = "point_coords", "point_labels", "object_labels", "boxes"
 PROMPT_REQUEST, PROMPT_REPORT = "prompt_request", "prompt_report"
 #: set in a prediction's metadata when the inferer reported its case as failed (nothing is saved for it)
 PROMPT_FAILED = "prompt_failed"
@@ -90,6 +90,69 @@ class EnsureVolumed(MapTransform):
             if low == high:
                 raise CaseError(f"{_source_name(image)}: every voxel is {float(low)}: nothing to segment")
         return d
+
+
+class LoadCased(MapTransform):
+    """Load a labelled case, channel first: the image (float32) and the label (int16) through MONAI's readers,
+    or a ``.npz`` case in the CVPR 2025 challenge's format (``imgs`` (D, H, W), ``spacing`` (x, y, z) as
+    SimpleITK gives it, ``gts`` the label, optional ``boxes``, kept as JSON under ``challenge_boxes``), which has
+    no direction: array axis 0 is taken along world z, 1 along y, 2 along x.
+
+    Args:
+        keys: the image and the label keys.
+    """
+
+    def __init__(self, keys: KeysCollection = ("image", "label")) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        from monai.transforms import LoadImage
+
+        self.load_image = LoadImage(image_only=True, ensure_channel_first=True)
+        self.load_label = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.int16)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image_key, label_key = (list(self.keys) + [None])[:2]
+        source = str(d[image_key])
+        if source.lower().endswith(".npz"):
+            d.update(read_npz_case(source, image_key, label_key))
+            return d
+        d[image_key] = self.load_image(source)
+        if label_key in d:
+            d[label_key] = self.load_label(d[label_key])
+        return d
+
+
+def read_npz_case(path: str | os.PathLike, image_key: str = "image", label_key: str | None = "label") -> dict[str, Any]:
+    """A CVPR 2025 challenge case (see :class:`LoadCased`) as channel-first MetaTensors."""
+    with np.load(path, allow_pickle=True) as case:
+        if "imgs" not in case:
+            raise CaseError(f"{path}: a challenge case holds 'imgs' (D, H, W); found {sorted(case.files)}")
+        imgs = case["imgs"]
+        if imgs.ndim != 3:
+            raise CaseError(f"{path}: 'imgs' must be (D, H, W), got shape {imgs.shape}")
+        spacing = np.asarray(case["spacing"], np.float64).ravel() if "spacing" in case else np.ones(3)
+        if spacing.shape != (3,) or not np.all(spacing > 0):
+            raise CaseError(f"{path}: 'spacing' must be 3 positive numbers (x, y, z), got {case['spacing']!r}")
+        # the challenge's arrays are SimpleITK's (z, y, x) with its spacing in (x, y, z) order: array axis 0
+        # runs along world z
+        affine = torch.zeros(4, 4, dtype=torch.float64)
+        affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = spacing[2], spacing[1], spacing[0], 1.0
+        out: dict[str, Any] = {
+            image_key: MetaTensor(
+                torch.as_tensor(imgs.astype(np.float32))[None], affine=affine, meta={"filename_or_obj": str(path)}
+            )
+        }
+        if label_key is not None and "gts" in case:
+            gts = case["gts"]
+            if gts.shape != imgs.shape:
+                raise CaseError(f"{path}: 'gts' of shape {gts.shape} does not match 'imgs' {imgs.shape}")
+            out[label_key] = MetaTensor(
+                torch.as_tensor(gts.astype(np.int16))[None], affine=affine, meta={"filename_or_obj": str(path)}
+            )
+        if "boxes" in case:
+            boxes = [dict(b) for b in np.asarray(case["boxes"], dtype=object).ravel()]
+            out["challenge_boxes"] = json.dumps([{k: int(v) for k, v in b.items()} for b in boxes])
+    return out
 
 
 class LoadPrevMaskd(MapTransform):
@@ -221,7 +284,8 @@ class ClicksToVoxelsd(MapTransform):
 
     Reads ``objects`` (see :mod:`custom.data`); writes ``point_coords`` ``(n_objects, n_max, 3)`` (float64 voxel
     indices, array order), ``point_labels`` ``(n_objects, n_max)`` (1, 0, and -1 for padding), ``object_labels``
-    ``(n_objects,)``, and ``prompt_request`` (the objects as given, JSON, for the report).
+    ``(n_objects,)``, ``boxes`` ``(n_objects, 2, 3)`` (each object's box as stored-grid voxel corners, NaN for
+    none), and ``prompt_request`` (the objects as given, JSON, for the report).
 
     Args:
         keys: the image key, whose affine and shape define the stored grid.
@@ -239,35 +303,52 @@ class ClicksToVoxelsd(MapTransform):
         shape = np.asarray(image.shape[1:])
         objects = d.pop(self.objects_key)
         case = d.get("case", case_name(_source_name(image)))
-        n_max = max(len(obj["points"]) for obj in objects)
+        n_max = max(max(len(obj["points"]) for obj in objects), 1)
         coords = np.zeros((len(objects), n_max, 3))
         labels = np.full((len(objects), n_max), -1, dtype=np.int64)
+        boxes = np.full((len(objects), 2, 3), np.nan)  # NaN: no box
         for i, obj in enumerate(objects):
-            points = np.asarray(obj["points"], dtype=np.float64)
-            if obj["space"] == "world":
-                points = np.linalg.solve(affine, np.c_[points, np.ones(len(points))].T).T[:, :3]
-            outside = np.any((points < -0.5) | (points > shape - 0.5), axis=1)
-            if outside.any():
-                j = int(np.argmax(outside))
-                raise CaseError(
-                    f"case {case!r}, object label {obj['label']}: point {obj['points'][j]} "
-                    f"({'mm' if obj['space'] == 'world' else 'voxels'}) is outside the image "
-                    f"(voxel {np.round(points[j], 2).tolist()}, image shape {shape.tolist()})"
-                )
-            coords[i, : len(points)] = points
-            labels[i, : len(points)] = obj["point_labels"]
+            where = f"case {case!r}, object label {obj['label']}"
+            if obj["points"]:
+                points = self._to_voxels(np.asarray(obj["points"], dtype=np.float64), obj["space"], affine)
+                self._check_inside(points, obj["points"], obj["space"], shape, f"{where}: point")
+                coords[i, : len(points)] = points
+                labels[i, : len(points)] = obj["point_labels"]
+            if "box" in obj:
+                box = obj["box"]
+                corners = self._to_voxels(np.asarray([box["min"], box["max"]], np.float64), box["space"], affine)
+                self._check_inside(corners, [box["min"], box["max"]], box["space"], shape, f"{where}: box corner")
+                boxes[i] = np.stack([corners.min(0), corners.max(0)])
         d[POINT_COORDS] = torch.as_tensor(coords)
         d[POINT_LABELS] = torch.as_tensor(labels)
+        d[BOXES] = torch.as_tensor(boxes)
         d[OBJECT_LABELS] = torch.as_tensor([obj["label"] for obj in objects], dtype=torch.int64)
         d[PROMPT_REQUEST] = json.dumps(objects)
         if isinstance(image, MetaTensor):
             prompts = {
                 "point_coords": coords.tolist(),
                 "point_labels": labels.tolist(),
+                "boxes": [None if np.isnan(box).any() else box.tolist() for box in boxes],
                 "object_labels": d[OBJECT_LABELS].tolist(),
             }
             image.meta[PROMPTS_META] = json.dumps(prompts)
         return d
+
+    @staticmethod
+    def _to_voxels(points: np.ndarray, space: str, affine: np.ndarray) -> np.ndarray:
+        if space != "world":
+            return points
+        return np.linalg.solve(affine, np.c_[points, np.ones(len(points))].T).T[:, :3]
+
+    @staticmethod
+    def _check_inside(points: np.ndarray, given: Sequence[Any], space: str, shape: np.ndarray, what: str) -> None:
+        outside = np.any((points < -0.5) | (points > shape - 0.5), axis=1)
+        if outside.any():
+            j = int(np.argmax(outside))
+            raise CaseError(
+                f"{what} {list(given[j])} ({'mm' if space == 'world' else 'voxels'}) is outside the image "
+                f"(voxel {np.round(points[j], 2).tolist()}, image shape {shape.tolist()})"
+            )
 
 
 def write_label_map(label_map: torch.Tensor, path: str | os.PathLike, like: str | None = None) -> None:

@@ -172,3 +172,30 @@ def test_inference_report_counts_the_work(tmp_path):
     _, _, report = read_output(run_inference(tmp_path, CountingNetwork(), input_dict=entry), "one")
     assert report["objects"][0]["prompt_steps"] == 2 and report["objects"][0]["windows_encoded"] == 1
     assert report["click_memory"] == "newest" and json.dumps(report)
+
+
+class ConeNetwork(ThresholdNetwork):
+    """Logits 10 minus the distance (voxels) to the newest positive click: a ball of radius 10, surest at its centre."""
+
+    def decode(self, embedding, point_coords, point_labels, mask_input=None):
+        size = embedding.shape[2:]
+        grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in size], indexing="ij"), -1)
+        logits = 10.0 - (grid - point_coords[0, -1]).norm(dim=-1)
+        return logits[None, None], embedding.new_zeros(1, 1)
+
+
+def test_overlapping_objects_go_to_the_surer_one_in_the_label_map():
+    predictor = VolumetricPredictor(ConeNetwork(img_size=32), roi_size=32, intensity_normalization=None)
+    predictor.set_image(_image((36, 20, 20)))
+    centres = {"a": (12, 10, 10), "b": (25, 10, 10)}  # the midplane x = 18.5 holds no voxel: no ties
+    for key, centre in centres.items():
+        predictor.add_click(key, list(centre), positive=True)
+    assert (predictor.mask("a") & predictor.mask("b")).sum() > 100  # the balls overlap
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in (36, 20, 20)], indexing="ij"), -1)
+    distance = {key: (grid - torch.tensor(centre, dtype=torch.float32)).norm(dim=-1) for key, centre in centres.items()}
+    expected = torch.zeros(36, 20, 20, dtype=torch.int16)
+    expected[predictor.mask("a")] = 1
+    expected[predictor.mask("b") & ~(predictor.mask("a") & (distance["a"] < distance["b"]))] = 2
+    label_map = predictor.label_map([("a", 1), ("b", 2)])
+    assert torch.equal(label_map, expected)
+    assert label_map[18, 10, 10] == 1 and label_map[19, 10, 10] == 2  # each side of the midplane

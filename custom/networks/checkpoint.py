@@ -221,9 +221,15 @@ def load_checkpoint(
         )
     report = compare_state_dicts(model.state_dict(), file_state)
     if strict and not report.ok:
+        box_hint = ""
+        if any("box_corner_embeddings" in key for key in report.unexpected + report.missing):
+            box_hint = (
+                " The file and the network disagree on box embeddings: build the network as the file was trained "
+                f"(--network_def#box_prompts {'true' if report.unexpected else 'false'})."
+            )
         raise ValueError(
             f"checkpoint {str(path)!r} does not match {type(model).__name__}: {report.describe()}. "
-            "Is --network_name the variant this file was trained with?"
+            "Is --network_name the variant this file was trained with?" + box_hint
         )
     check_rel_pos_bias(model, checkpoint)
     model.load_state_dict({k: file_state[k] for k in report.loaded}, strict=False)

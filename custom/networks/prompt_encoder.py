@@ -19,6 +19,8 @@ from torch import nn
 from .common import LayerNorm3d
 
 POSITIVE, NEGATIVE, PADDING = 1, 0, -1
+#: labels of a box's two corners given as points (as 2D SAM does): the minimum and the maximum corner
+BOX_MIN, BOX_MAX = 2, 3
 
 
 class PositionEmbeddingRandom3D(nn.Module):
@@ -68,10 +70,17 @@ class PromptEncoder3D(nn.Module):
         embed_dim: prompt width ``C`` (the image embedding's channels); divisible by 3 for the default encoding.
         mask_in_chans: hidden channels of the mask down-scaling.
         pe_layer: the positional encoding (default: SAM-Med3D's, ``embed_dim / 3`` features).
+        box_prompts: two more learned embeddings, added to the positional encodings of a box's minimum and
+            maximum corner (points labelled ``BOX_MIN`` / ``BOX_MAX``), as 2D SAM does. The released weights
+            have none: a box given to a network without them is an error, never silently ignored.
     """
 
     def __init__(
-        self, embed_dim: int = 384, mask_in_chans: int = 16, pe_layer: PositionEmbeddingRandom3D | None = None
+        self,
+        embed_dim: int = 384,
+        mask_in_chans: int = 16,
+        pe_layer: PositionEmbeddingRandom3D | None = None,
+        box_prompts: bool = False,
     ) -> None:
         super().__init__()
         if pe_layer is None:
@@ -85,6 +94,9 @@ class PromptEncoder3D(nn.Module):
         # Index = point label: 0 negative, 1 positive.
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.box_prompts = box_prompts
+        if box_prompts:
+            self.box_corner_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
         self.mask_downscaling = nn.Sequential(
             nn.Conv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
             LayerNorm3d(mask_in_chans // 4),
@@ -106,7 +118,8 @@ class PromptEncoder3D(nn.Module):
 
         Args:
             coords: ``(B, N, 3)`` float voxel indices of the encoder's input, array order.
-            labels: ``(B, N)``: 1 positive, 0 negative, -1 padding (ignored).
+            labels: ``(B, N)``: 1 positive, 0 negative, -1 padding (ignored), 2 / 3 a box's minimum / maximum
+                corner (networks built with ``box_prompts`` only).
             image_size: the encoder input's spatial size in voxels.
 
         Returns:
@@ -118,7 +131,16 @@ class PromptEncoder3D(nn.Module):
         tokens = self.pe_layer.points(coords, image_size)
         tokens = torch.where(labels == PADDING, self.not_a_point_embed.weight, tokens)
         tokens = tokens + (labels == NEGATIVE) * self.point_embeddings[NEGATIVE].weight
-        return tokens + (labels == POSITIVE) * self.point_embeddings[POSITIVE].weight
+        tokens = tokens + (labels == POSITIVE) * self.point_embeddings[POSITIVE].weight
+        if self.box_prompts:
+            tokens = tokens + (labels == BOX_MIN) * self.box_corner_embeddings[0].weight
+            tokens = tokens + (labels == BOX_MAX) * self.box_corner_embeddings[1].weight
+        elif bool((labels >= BOX_MIN).any()):
+            raise ValueError(
+                "this network has no box embeddings (the released weights have none): give a box as a positive "
+                "click at its centre (the predictor does so), or use a variant built with box_prompts=True"
+            )
+        return tokens
 
     def embed_mask(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """``(B, 1, 4g0, 4g1, 4g2)`` low-res logits -> dense prompt ``(B, C, g0, g1, g2)``."""

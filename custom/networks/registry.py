@@ -40,6 +40,7 @@ def build_sam(
     decoder_mlp_dim: int,
     mask_in_chans: int,
     rel_pos_bias: str,
+    box_prompts: bool = False,
     fast_window_attention: bool = True,
 ) -> SamMed3D:
     """A SAM-Med3D network (encoder, prompt encoder, decoder) from explicit settings; see the variants."""
@@ -59,7 +60,7 @@ def build_sam(
         fast_window_attention=fast_window_attention,
         rel_pos_bias=rel_pos_bias,
     )
-    prompt_encoder = PromptEncoder3D(embed_dim=prompt_embed_dim, mask_in_chans=mask_in_chans)
+    prompt_encoder = PromptEncoder3D(embed_dim=prompt_embed_dim, mask_in_chans=mask_in_chans, box_prompts=box_prompts)
     decoder = MaskDecoder3D(
         transformer_dim=prompt_embed_dim, transformer_heads=decoder_heads, transformer_mlp_dim=decoder_mlp_dim
     )
@@ -81,6 +82,7 @@ class Variant:
 
 
 def _sam_variant(description: str, **settings: Any) -> Variant:
+    settings.setdefault("box_prompts", False)
     return Variant(build_sam, MappingProxyType(settings), description, frozenset({"fast_window_attention"}))
 
 
@@ -200,7 +202,8 @@ def build_sam_med3d(name: str = "sam_med3d", **overrides: Any) -> nn.Module:
         name: one of :func:`available_networks`.
         overrides: any of the variant's settings (``image_size``, ``patch_size``, ``encoder_embed_dim``,
             ``encoder_depth``, ``encoder_num_heads``, ``encoder_global_attn_indexes``, ``window_size``,
-            ``prompt_embed_dim``, ``decoder_heads``, ``decoder_mlp_dim``, ``mask_in_chans``, ``rel_pos_bias``)
+            ``prompt_embed_dim``, ``decoder_heads``, ``decoder_mlp_dim``, ``mask_in_chans``, ``rel_pos_bias``,
+            ``box_prompts``)
             and ``fast_window_attention`` (default True; False selects the padded reference computation).
             ``"medsam3d_adapter"`` takes the settings of :func:`custom.networks.medsam3d.build_medsam3d`.
     """
