@@ -236,7 +236,7 @@ class ClickEvaluationStep:
         order = [(c, c) for c in sorted(classes)]
         truths = {c: truth_map == c for c in classes}
 
-        def score(step: int, prompts: Mapping[int, tuple[str, Any, float]]) -> None:
+        def score(step: int, prompts: Mapping[int, tuple[str, Any, float]]) -> torch.Tensor:
             composite = predictor.label_map(order)
             for c in classes:
                 predicted = composite == c
@@ -254,6 +254,7 @@ class ClickEvaluationStep:
                         "seconds": round(seconds, 4),
                     }
                 )
+            return composite
 
         prompts: dict[int, tuple[str, Any, float]] = {}
         for index, c in enumerate(classes):
@@ -269,9 +270,8 @@ class ClickEvaluationStep:
             tick = time.perf_counter()
             predictor.add_box(c, low, high)
             prompts[c] = ("box", " ".join(str(int(v)) for v in low + high), time.perf_counter() - tick)
-        score(0, prompts)
+        composite = score(0, prompts)
         for step in range(1, self.num_clicks + 1):
-            composite = predictor.label_map(order)
             planned = {}
             for c in classes:
                 generator = self.click_generator(case, c * 1000 + step)
@@ -283,7 +283,7 @@ class ClickEvaluationStep:
                 tick = time.perf_counter()
                 predictor.add_click(c, point.tolist(), bool(positive))
                 prompts[c] = (positive, " ".join(str(int(v)) for v in point.tolist()), time.perf_counter() - tick)
-            score(step, prompts)
+            composite = score(step, prompts)
         seconds = time.perf_counter() - started
         for row in rows:
             row["case_seconds"] = round(seconds, 3)
