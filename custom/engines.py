@@ -31,6 +31,7 @@ from torch import nn
 
 from .files import check_writable_folder, write_text_atomic
 from .networks.checkpoint import checkpoint_payload, save_atomic
+from .networks.common import as_flag
 from .networks.sam_med3d import upsample_logits
 from .precision import autocast, check_autocast_dtype
 from .prompts import check_click_memory, simulated_click
@@ -322,6 +323,7 @@ def trainable(network: nn.Module, freeze_image_encoder: bool = False) -> nn.Modu
     the whole image encoder with ``freeze_image_encoder``), set once before any wrapper (DDP registers its
     gradient hooks on the parameters that train when it wraps them, and all-reduces without
     ``find_unused_parameters``)."""
+    freeze_image_encoder = as_flag(freeze_image_encoder, "freeze_image_encoder")
     frozen = set(untrained_parameter_names(network))
     for name, param in network.named_parameters():
         encoder = name.startswith("image_encoder.")
@@ -336,11 +338,12 @@ def check_run_folder(output_dir: str | os.PathLike, resume: bool) -> Path:
     Raises:
         FileExistsError: naming the folder and what it holds.
     """
+    resume = as_flag(resume, "resume")
     folder = check_writable_folder(output_dir)
     earlier = [name for name in ("training_state.pt", "model.pt", "model.json") if (folder / name).exists()]
     if earlier and not resume:
         raise FileExistsError(
-            f"output_dir {str(folder)!r} holds an earlier run ({', '.join(earlier)}): pass --resume true to "
+            f"output_dir {str(folder)!r} holds an earlier run ({', '.join(earlier)}): pass --resume True to "
             "continue it, or give another --output_dir (or remove those files) to start a new one"
         )
     if resume and not (folder / "training_state.pt").is_file():

@@ -220,7 +220,7 @@ def test_a_box_variant_fine_tunes_from_released_kind_weights_and_a_mismatch_name
     boxed = with_pretrained(build_sam_med3d("sam_med3d_tiny", box_prompts=True, **small), tmp_path / "plain.pt")
     torch.testing.assert_close(boxed.image_encoder.state_dict(), released_kind.image_encoder.state_dict())
     torch.save(checkpoint_payload(boxed), tmp_path / "boxed.pt")
-    with pytest.raises(ValueError, match="box_prompts true"):
+    with pytest.raises(ValueError, match="box_prompts True"):
         with_checkpoint(build_sam_med3d("sam_med3d_tiny", **small), tmp_path / "boxed.pt")
     with pytest.raises(ValueError, match="box_corner_embeddings"):
         with_checkpoint(build_sam_med3d("sam_med3d_tiny", box_prompts=True, **small), tmp_path / "plain.pt")

@@ -276,3 +276,32 @@ def test_empty_and_folder_checkpoints_say_what_they_are(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04broken")
     with pytest.raises(ValueError, match=r"junk.pt' \(10 bytes\) could not be read as a PyTorch file: \S"):
         load_checkpoint(build_sam_med3d("sam_med3d_tiny"), tmp_path / "junk.pt")
+
+
+def test_lowercase_true_and_false_from_the_command_line_mean_what_they_say(tmp_path):
+    # `python -m monai.bundle run ... --freeze_image_encoder false` delivers the string "false" (truthy)
+    from monai.bundle import ConfigParser
+
+    from custom.engines import check_run_folder
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "bundle" / "configs" / "train.json"))
+    parser["bundle_root"] = str(REPO_ROOT / "bundle")
+    parser["freeze_image_encoder"] = "false"
+    parser["network_def#box_prompts"] = "false"
+    network = parser.get_parsed_content("network")
+    encoder = [p.requires_grad for n, p in network.named_parameters() if n.startswith("image_encoder.")]
+    assert encoder and all(encoder)
+    assert not network.prompt_encoder.box_prompts
+    parser["freeze_image_encoder"] = "True"
+    network = parser.get_parsed_content("network", lazy=False)
+    assert not any(p.requires_grad for n, p in network.named_parameters() if n.startswith("image_encoder."))
+
+    (tmp_path / "model.pt").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="--resume True"):
+        check_run_folder(tmp_path, "false")
+    with pytest.raises(ValueError, match="resume must be True or False, got 'no'"):
+        check_run_folder(tmp_path, "no")
+    with pytest.raises(ValueError, match="box_prompts must be True or False, got 'yes'"):
+        build_sam_med3d("sam_med3d_tiny", box_prompts="yes")
+    assert build_sam_med3d("sam_med3d_tiny", box_prompts="TRUE").prompt_encoder.box_prompts

@@ -116,7 +116,7 @@ def test_a_fresh_run_into_a_used_folder_is_refused(tmp_path):
     cause = err.value
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    assert isinstance(cause, FileExistsError) and "--resume true" in str(cause) and "model.pt" in str(cause)
+    assert isinstance(cause, FileExistsError) and "--resume True" in str(cause) and "model.pt" in str(cause)
 
 
 def _copy_mini(tmp_path):

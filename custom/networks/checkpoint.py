@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..files import write_atomic
+from .common import as_flag
 from .image_encoder import REL_POS_BIASES
 
 OFFICIAL_WEIGHTS_HINT = (
@@ -91,7 +92,7 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
         FileNotFoundError: the file does not exist.
         ValueError: the file holds no recognisable state dict, or needs ``allow_pickle=True``.
     """
-    path = Path(path)
+    path, allow_pickle = Path(path), as_flag(allow_pickle, "allow_pickle")
     if path.is_dir():
         raise IsADirectoryError(
             f"checkpoint {str(path)!r} is a directory; expected a checkpoint file in it or elsewhere"
@@ -107,7 +108,7 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
             f"checkpoint {str(path)!r} holds pickled Python objects that torch.load(weights_only=True) refuses "
             "(the older upstream releases do). If you trust the file, pass allow_pickle=True (it runs code "
             "stored in the file), or convert it once with `python bundle/scripts/convert_checkpoint.py "
-            f"--src {path} --dst model.pt --allow_pickle true`. Detail: {str(err).splitlines()[0]}"
+            f"--src {path} --dst model.pt --allow_pickle True`. Detail: {str(err).splitlines()[0]}"
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
         detail = str(err).strip() or type(err).__name__
@@ -225,7 +226,7 @@ def load_checkpoint(
         if any("box_corner_embeddings" in key for key in report.unexpected + report.missing):
             box_hint = (
                 " The file and the network disagree on box embeddings: build the network as the file was trained "
-                f"(--network_def#box_prompts {'true' if report.unexpected else 'false'})."
+                f"(--network_def#box_prompts {'True' if report.unexpected else 'False'})."
             )
         raise ValueError(
             f"checkpoint {str(path)!r} does not match {type(model).__name__}: {report.describe()}. "

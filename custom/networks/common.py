@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+
+def as_flag(value: Any, name: str) -> bool:
+    """A yes/no setting as a bool.
+
+    ``python -m monai.bundle run ... --resume false`` hands over the *string* ``"false"`` (the command line
+    reads only ``True``/``False`` as booleans), which is truthy: taken as given it would silently mean yes.
+
+    Raises:
+        ValueError: neither a bool nor ``"true"``/``"false"`` in any case, naming the setting.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 class LayerNorm3d(nn.Module):

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from .common import as_flag
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
 from .medsam3d import build_medsam3d
@@ -179,6 +180,9 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType(
     }
 )
 
+#: the yes/no settings of the builders: a command line's "false" becomes False, not a truthy string
+FLAG_SETTINGS = frozenset({"box_prompts", "fast_window_attention", "freeze_backbone"})
+
 #: name -> settings (read-only), for code that only needs the numbers.
 SAM_MED3D_VARIANTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({k: v.settings for k, v in VARIANTS.items()})
 
@@ -212,4 +216,7 @@ def build_sam_med3d(name: str = "sam_med3d", **overrides: Any) -> nn.Module:
     unknown = set(overrides) - allowed
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)} for {name!r}; allowed: {sorted(allowed)}")
-    return chosen.builder(**dict(chosen.settings, **overrides))
+    settings = dict(chosen.settings, **overrides)
+    for key in FLAG_SETTINGS & set(settings):
+        settings[key] = as_flag(settings[key], key)
+    return chosen.builder(**settings)
