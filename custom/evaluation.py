@@ -31,6 +31,7 @@ from scipy import ndimage
 
 from .files import append_line_durably, write_atomic, write_text_atomic
 from .inferer import PromptedInferer
+from .networks.common import as_flag
 from .prompts import simulated_click
 
 logger = logging.getLogger(__name__)
@@ -431,7 +432,7 @@ class EvaluationReport:
         self.class_names = {str(k): str(v) for k, v in (class_names or {}).items()}
         self.settings = dict(settings or {}, num_clicks=num_clicks)
         self.failures = failures
-        self.progress = progress
+        self.progress = as_flag(progress, "progress")
         self.rows: list[dict[str, Any]] = []
         self._done: set[tuple[str, int]] = set()
         self._bar = None

@@ -21,6 +21,7 @@ from .checkpoint import (
     save_atomic,
     with_checkpoint,
 )
+from .common import as_flag
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
 from .medsam3d import MedSAM3D, Sam2dLoadReport, build_medsam3d, with_pretrained
@@ -29,6 +30,7 @@ from .registry import SAM_MED3D_VARIANTS, VARIANTS, Variant, available_networks,
 from .sam_med3d import SamMed3D, upsample_logits
 
 __all__ = [
+    "as_flag",
     "SamEncoderUNETR",
     "build_autoseg",
     "load_encoder_weights",
