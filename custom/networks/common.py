@@ -1,4 +1,5 @@
-"""Small building blocks shared by the SAM-Med3D encoder, prompt encoder and decoder."""
+"""Small building blocks shared by the SAM-Med3D encoder, prompt encoder and decoder, and the one reading of
+yes/no settings (:func:`as_flag`) that builders, loaders and workflows share."""
 
 from __future__ import annotations
 
