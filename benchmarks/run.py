@@ -79,11 +79,6 @@ def _with_precomputed_masks(encoder: torch.nn.Module) -> torch.nn.Module:
     return copied
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    first, median, third = statistics.quantiles(values, n=4, method="inclusive")
-    return first, median, third
-
-
 def bench_encoder_vs_vit(dtype: str, rounds: int) -> dict:
     """The encoder (released configuration, fast path, rel-pos tables of std 0.1 as trained ones) against a
     plain ViT-B of the same width over the same 512 tokens (12 blocks, 12 heads, no position bias, no neck),
@@ -121,7 +116,7 @@ def bench_encoder_vs_vit(dtype: str, rounds: int) -> dict:
     ratio = [e / b for e, b in zip(times["encoder"], times["blocks"])]
     ratio_embed = [e / b for e, b in zip(times["encoder"], times["embed"])]
     ratio_precomputed = [e / b for e, b in zip(times["precomputed"], times["blocks"])]
-    low, _, high = _quartiles(ratio)
+    low, _, high = statistics.quantiles(ratio, n=4, method="inclusive")
     return {
         "seconds": statistics.median(times["encoder"]),
         "ratio": statistics.median(ratio),
