@@ -14,6 +14,8 @@ def as_flag(value: Any, name: str) -> bool:
 
     ``python -m monai.bundle run ... --resume false`` hands over the *string* ``"false"`` (the command line
     reads only ``True``/``False`` as booleans), which is truthy: taken as given it would silently mean yes.
+    Stricter than ``monai.utils.str2bool``, which also takes ``yes``/``no``/``1``/``0``/``t``/``n`` and does not
+    name the setting: a typo here is refused, never read as a choice.
 
     Raises:
         ValueError: neither a bool nor ``"true"``/``"false"`` in any case, naming the setting.
