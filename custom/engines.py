@@ -91,8 +91,9 @@ class InteractiveSegmentation(nn.Module):
     Args:
         network: a promptable network (``encode`` / ``decode``), e.g. :class:`custom.networks.SamMed3D`.
         num_click_steps: decoder steps.
-        mask_only_step_range: inclusive range of the random step that passes no click.
-        last_step_mask_only: whether the last step passes no click either.
+        mask_only_step_range: inclusive range of the random step that passes no click (upstream: ``(2, 8)``);
+            None: no such step.
+        last_step_mask_only: whether the last step passes no click either (upstream: True).
         click_memory: what a step gets besides the previous logits (:data:`custom.prompts.CLICK_MEMORIES`):
             ``"newest"`` click (upstream's training) or ``"all"`` clicks so far; inference must use the same.
         click_protocol: how the clicks are drawn (:data:`custom.prompts.CLICK_PROTOCOLS`; upstream: uniform).
@@ -101,48 +102,80 @@ class InteractiveSegmentation(nn.Module):
             ``box_prompts`` only): half of them a 3D box of the target's extent with a random margin, half the
             CVPR 2025 challenge's box (a 2D box on the middle foreground slice and the z range), widened by 0 to 6
             voxels per 256.
+        mask_only_weight: the loss weight of a step without a click, relative to a click step's 1 (see
+            :meth:`step_weights`).
     """
 
     def __init__(
         self,
         network: nn.Module,
         num_click_steps: int = 11,
-        mask_only_step_range: Sequence[int] = (2, 8),
+        mask_only_step_range: Sequence[int] | None = (2, 8),
         last_step_mask_only: bool = True,
         click_memory: str = "newest",
         click_protocol: str = "uniform",
         detach_previous: bool = False,
         box_probability: float = 0.0,
+        mask_only_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if box_probability > 0 and not getattr(getattr(network, "prompt_encoder", None), "box_prompts", False):
             raise ValueError("box_probability > 0 needs a network built with box_prompts=True (box embeddings)")
+        if mask_only_weight < 0:
+            raise ValueError(f"mask_only_weight must be >= 0, got {mask_only_weight}")
         self.box_probability = float(box_probability)
         self.network = network
         self.num_click_steps = num_click_steps
-        self.mask_only_step_range = tuple(mask_only_step_range)
-        self.last_step_mask_only = last_step_mask_only
+        self.mask_only_step_range = tuple(mask_only_step_range) if mask_only_step_range is not None else None
+        self.last_step_mask_only = as_flag(last_step_mask_only, "last_step_mask_only")
         self.click_memory = check_click_memory(click_memory)
         self.click_protocol = click_protocol
         self.detach_previous = detach_previous
+        self.mask_only_weight = float(mask_only_weight)
+
+    def mask_only_steps(self, generator: torch.Generator | None) -> set[int]:
+        """The steps of one interaction that pass no click (drawn from ``generator``)."""
+        steps = set()
+        if self.mask_only_step_range is not None:
+            lo, hi = self.mask_only_step_range
+            steps.add(int(torch.randint(lo, hi + 1, (1,), generator=generator)))
+        if self.last_step_mask_only and self.num_click_steps > 1:
+            steps.add(self.num_click_steps - 1)
+        steps.discard(0)
+        return steps
+
+    def step_weights(self, mask_only: set[int]) -> torch.Tensor:
+        """``(steps,)`` loss weights summing to 1: each click step 1, each mask-only step ``mask_only_weight``
+        (before normalising), so that the loss is a weighted mean over steps and the click steps carry it."""
+        weights = torch.tensor(
+            [self.mask_only_weight if step in mask_only else 1.0 for step in range(self.num_click_steps)]
+        )
+        return weights / weights.sum()
 
     def forward(
-        self, image: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """``(B, 1, D, H, W)`` image and float target -> logits ``(steps, B, 1, D, H, W)``."""
+        self,
+        image: torch.Tensor,
+        target: torch.Tensor,
+        generator: torch.Generator | None = None,
+        first_click: torch.Tensor | None = None,
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 1, D, H, W)`` image and float target -> logits ``(steps, B, 1, D, H, W)`` (and, with
+        ``return_weights``, the ``(steps,)`` loss weights of :meth:`step_weights`).
+
+        ``first_click`` ``(B, 3)``: voxel indices of the first (positive) click of each item, where the training
+        window was placed around it (:class:`custom.transforms.CropAroundClickd`); an item whose click does not
+        fall on its target after resampling gets a click of the protocol instead. None: every click simulated.
+        """
         embedding = self.network.encode(image)
         truth = target[:, 0] > 0.5
         prediction = torch.zeros_like(truth)
-        lo, hi = self.mask_only_step_range
-        random_mask_step = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+        mask_only_steps = self.mask_only_steps(generator)
         low_res, outputs = None, []
         history: list[tuple[torch.Tensor, torch.Tensor]] = []
         clicks = 0
         for step in range(self.num_click_steps):
-            mask_only = step > 0 and (
-                step == random_mask_step or (self.last_step_mask_only and step == self.num_click_steps - 1)
-            )
-            if mask_only:
+            if step in mask_only_steps:
                 coords, labels = None, None
             else:
                 clicks += 1
@@ -150,7 +183,10 @@ class InteractiveSegmentation(nn.Module):
                 if box_first and float(torch.rand((), generator=generator)) < self.box_probability:
                     history.append(simulate_boxes(truth, generator))
                 else:
-                    history.append(simulate_clicks(prediction, truth, generator, self.click_protocol, clicks))
+                    coords, labels = simulate_clicks(prediction, truth, generator, self.click_protocol, clicks)
+                    if step == 0 and first_click is not None:
+                        coords, labels = _given_first_clicks(first_click, truth, coords, labels)
+                    history.append((coords, labels))
                 chosen = history[-1:] if self.click_memory == "newest" else history
                 coords = torch.cat([c for c, _ in chosen], dim=1)
                 labels = torch.cat([label for _, label in chosen], dim=1)
@@ -159,12 +195,33 @@ class InteractiveSegmentation(nn.Module):
             logits = upsample_logits(low_res, image.shape[2:])
             outputs.append(logits)
             prediction = logits.detach()[:, 0] > 0
-        return torch.stack(outputs)
+        logits = torch.stack(outputs)
+        return (logits, self.step_weights(mask_only_steps)) if return_weights else logits
+
+
+def _given_first_clicks(
+    first_click: torch.Tensor, truth: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The given first clicks ``(B, 3)`` as positive clicks where they fall on their target (rounded to a voxel),
+    the simulated ``coords``/``labels`` elsewhere."""
+    coords, labels = coords.clone(), labels.clone()
+    size = torch.tensor(truth.shape[1:], device=first_click.device)
+    for b in range(truth.shape[0]):
+        voxel = first_click[b].round().long()
+        if bool(((voxel >= 0) & (voxel < size)).all()) and bool(truth[b][tuple(voxel.tolist())]):
+            coords[b, 0] = first_click[b].to(coords)
+            labels[b, 0] = 1
+    return coords, labels
+
+
+#: the batch key of the first click's voxel indices, where the training window was placed around it
+FIRST_CLICK = "first_click"
 
 
 class InteractiveTrainingStep:
-    """``iteration_update`` for ``SupervisedTrainer``: the simulated interaction, the summed loss, gradient
-    accumulation, autocast and (fp16) gradient scaling.
+    """``iteration_update`` for ``SupervisedTrainer``: the simulated interaction, the loss (a weighted mean over its
+    steps, :meth:`InteractiveSegmentation.step_weights`), gradient accumulation, autocast and (fp16) gradient
+    scaling. A batch's ``first_click`` (:class:`custom.transforms.CropAroundClickd`) is the interaction's first click.
 
     ``engine.network`` is an :class:`InteractiveSegmentation` (possibly inside DDP).
 
@@ -200,10 +257,13 @@ class InteractiveTrainingStep:
         steps = (position + 1) % self.accumulation_steps == 0 or position + 1 == engine.state.epoch_length
         # a micro-step of gradient accumulation under DDP keeps its gradients local: one all-reduce per step
         local = engine.network.no_sync() if not steps and hasattr(engine.network, "no_sync") else nullcontext()
+        first_click = batchdata.get(FIRST_CLICK)
+        if isinstance(first_click, torch.Tensor):
+            first_click = first_click.to(image.device)
         with local:
             with autocast(image.device, self.autocast_dtype):
-                step_logits = engine.network(image, target, generator)
-            loss = sum(engine.loss_function(logits.float(), target) for logits in step_logits)
+                step_logits, weights = engine.network(image, target, generator, first_click, return_weights=True)
+            loss = sum(w * engine.loss_function(logits.float(), target) for w, logits in zip(weights, step_logits))
             scaled = loss / self.accumulation_steps
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         if steps:
@@ -273,6 +333,21 @@ class ClickValidationStep:
         for k, masks in predictions.items():
             output[f"pred_{k}"] = torch.stack(masks)[:, None].float().to(target.device)
         return output
+
+
+def mean_of_metrics(metrics: Sequence[Any]) -> Any:
+    """The mean of Ignite metrics, as one metric: the key metric that needs Dice after the first click and after
+    later ones alike (a checkpoint whose clicks add nothing cannot win on first-click Dice alone)."""
+    from ignite.metrics import MetricsLambda
+
+    return MetricsLambda(lambda *values: sum(float(v) for v in values) / len(values), *metrics)
+
+
+def metric_difference(later: Any, earlier: Any) -> Any:
+    """``later - earlier`` of two Ignite metrics, as one metric (the Dice gained by the clicks between them)."""
+    from ignite.metrics import MetricsLambda
+
+    return MetricsLambda(lambda a, b: float(a) - float(b), later, earlier)
 
 
 def _item_key(batchdata: dict, b: int) -> int:

@@ -76,8 +76,8 @@ class VolumetricPredictor:
         roi_size: window side (voxels); None takes the network's ``img_size``.
         stride: shift of a growth window (voxels); default half the window.
         max_windows: windows per object at most.
-        click_memory: ``"newest"`` (each step gets the newest click and the previous logits, as training does)
-            or ``"all"`` (every click of the window so far).
+        click_memory: ``"all"`` (every click of the window so far and the previous logits, as upstream's inference
+            and our training do) or ``"newest"`` (the newest click and the previous logits, as upstream trains).
         reuse_margin: how far inside a cached window an object's first click must be for its embedding to be
             reused instead of a window centred on the click.
         autocast_dtype: ``"bfloat16"``, ``"float16"`` or None.
@@ -100,7 +100,7 @@ class VolumetricPredictor:
         roi_size: int | None = None,
         stride: int | None = None,
         max_windows: int = 8,
-        click_memory: str = "newest",
+        click_memory: str = "all",
         reuse_margin: int = 16,
         autocast_dtype: str | None = None,
         sigma_scale: float = 0.125,
@@ -472,7 +472,7 @@ class VolumetricPredictor:
         if mask_input is None and obj.prior is not None:
             prior = extract_window(obj.prior[None], window.start, self.size)
             if prior.any():
-                size = [LOW_RES_UPSCALE * g for g in embedding.shape[2:]]
+                size = _logits_size(self.network, embedding.shape[2:])
                 fraction = F.interpolate(prior[None].float(), size=size, mode="area")
                 mask_input = ((2 * fraction - 1) * self.prev_mask_logit).to(self.device)
         coords, labels = prompt_points(window.prompts, self.click_memory)
@@ -524,6 +524,13 @@ class VolumetricPredictor:
             blended = self._blend(obj, box)
             if blended is not None:
                 self.grid.paste(blended[0] > 0, box, obj.mask)
+
+
+def _logits_size(network: torch.nn.Module, grid: Sequence[int]) -> list[int]:
+    """The spatial size of the network's logits for an embedding grid (4x it for SAM's low-res logits)."""
+    if hasattr(network, "logits_size"):
+        return list(network.logits_size(tuple(grid)))
+    return [LOW_RES_UPSCALE * g for g in grid]
 
 
 def _pad_to_window(region: torch.Tensor, box: Box, start: Sequence[int], size: int) -> torch.Tensor:

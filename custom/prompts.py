@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-#: What each prompt step of a window is given besides the previous low-res logits: ``"newest"``, the newest
-#: click only (what training does, reference §4, and what the shipped model was trained with), or ``"all"``,
-#: every click so far.
+#: What each prompt step of a window is given besides the previous logits: ``"all"``, every click so far (what
+#: upstream's inference does, ``utils/infer_utils.py``, and what the variants trained here are trained with; the
+#: default), or ``"newest"``, the newest click only (upstream's training, reference §4).
 CLICK_MEMORIES = ("newest", "all")
 
 

@@ -486,6 +486,26 @@ class SelectTargetd(MapTransform, Randomizable):
         return d
 
 
+def _crop_around(d: dict, keys: Sequence[Hashable], centre: np.ndarray, roi_size: int, spacing_mm: float) -> None:
+    """Crop every key of ``d``, on its own grid, to the region that becomes a ``roi_size^3`` window at ``spacing_mm``
+    once resampled, centred on ``centre`` (voxel indices of that grid); outside the image is zero-padded and the
+    affine updated, so that ``Spacingd`` and ``ResizeWithPadOrCropd(roi_size)`` finish the window."""
+    first = d[keys[0]]
+    pixdim = np.sqrt((np.asarray(first.affine)[:3, :3] ** 2).sum(axis=0))
+    sizes = np.ceil(roi_size * spacing_mm / pixdim).astype(int) + 2
+    start = np.round(centre - sizes / 2).astype(int)
+    for key in keys:
+        image = d[key]
+        affine = torch.as_tensor(image.affine, dtype=torch.float64).clone()
+        affine[:3, 3] = affine[:3, :3] @ torch.as_tensor(start, dtype=torch.float64) + affine[:3, 3]
+        crop = extract_window(image, start.tolist(), sizes.tolist())
+        d[key] = MetaTensor(crop, affine=affine, meta={k: v for k, v in image.meta.items() if k != "affine"})
+
+
+def _voxel_size(image: Any) -> np.ndarray:
+    return np.sqrt((np.asarray(image.affine)[:3, :3] ** 2).sum(axis=0))
+
+
 class CropAroundTargetd(MapTransform, Randomizable):
     """Crop, on the image's own grid, the region that becomes a ``roi_size^3`` window at ``spacing_mm`` once
     resampled, centred on the target's bounding box plus a uniform jitter of up to ``jitter_mm`` per axis.
@@ -521,17 +541,93 @@ class CropAroundTargetd(MapTransform, Randomizable):
         foreground = torch.nonzero(torch.as_tensor(label)[0] > 0)
         if len(foreground) == 0:
             raise ValueError(f"{_source_name(label)}: the selected target has no voxel")
-        pixdim = np.sqrt((np.asarray(label.affine)[:3, :3] ** 2).sum(axis=0))
         centre = (foreground.min(0).values + foreground.max(0).values).double().numpy() / 2
-        centre = centre + self.R.uniform(-self.jitter_mm, self.jitter_mm, 3) / pixdim
-        sizes = np.ceil(self.roi_size * self.spacing_mm / pixdim).astype(int) + 2
-        start = np.round(centre - sizes / 2).astype(int)
+        centre = centre + self.R.uniform(-self.jitter_mm, self.jitter_mm, 3) / _voxel_size(label)
+        _crop_around(d, list(self.key_iterator(d)), centre, self.roi_size, self.spacing_mm)
+        return d
+
+
+class CropAroundClickd(MapTransform, Randomizable):
+    """A training window placed as inference places it, or off-centre: the first click is drawn uniformly among
+    the target's voxels (as the evaluation protocols draw it), and the window is centred on it with probability
+    ``centre_probability`` (inference centres the window on the first click), otherwise on the click plus a
+    uniform offset of up to ``max_offset_mm`` per axis, so that the window's centre does not say which structure
+    is meant and only the prompts do.
+
+    Crops on the image's own grid as :class:`CropAroundTargetd` does, and writes the click's world coordinates to
+    ``click_key`` (``(3,)`` float64, the image affine's space); :class:`WorldPointToVoxeld` turns them into
+    window voxel indices after the spatial transforms.
+
+    Args:
+        keys: image and label keys.
+        label_key: the binary target.
+        roi_size: window side after resampling (voxels).
+        spacing_mm: the resampled voxel size.
+        centre_probability: how often the window is centred on the click.
+        max_offset_mm: half-width of the uniform offset otherwise; at most half the window minus one voxel, so
+            that the click stays inside.
+        click_key: where the click's world coordinates go.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str = "label",
+        roi_size: int = 64,
+        spacing_mm: float = 1.5,
+        centre_probability: float = 0.3,
+        max_offset_mm: float = 24.0,
+        click_key: str = "first_click_world",
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        half_window_mm = (roi_size / 2 - 1) * spacing_mm
+        if not 0 <= max_offset_mm <= half_window_mm:
+            raise ValueError(
+                f"max_offset_mm={max_offset_mm} must lie in [0, {half_window_mm}] (the click stays inside)"
+            )
+        if not 0 <= centre_probability <= 1:
+            raise ValueError(f"centre_probability must lie in [0, 1], got {centre_probability}")
+        self.label_key = label_key
+        self.roi_size = roi_size
+        self.spacing_mm = spacing_mm
+        self.centre_probability = centre_probability
+        self.max_offset_mm = max_offset_mm
+        self.click_key = click_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        label = d[self.label_key]
+        foreground = torch.nonzero(torch.as_tensor(label)[0] > 0)
+        if len(foreground) == 0:
+            raise ValueError(f"{_source_name(label)}: the selected target has no voxel")
+        click = foreground[int(self.R.randint(len(foreground)))].double().numpy()
+        offset_mm = np.zeros(3)
+        if self.R.uniform() >= self.centre_probability:
+            offset_mm = self.R.uniform(-self.max_offset_mm, self.max_offset_mm, 3)
+        affine = np.asarray(label.affine, np.float64)
+        d[self.click_key] = torch.as_tensor(affine[:3, :3] @ click + affine[:3, 3])
+        _crop_around(
+            d, list(self.key_iterator(d)), click + offset_mm / _voxel_size(label), self.roi_size, self.spacing_mm
+        )
+        return d
+
+
+class WorldPointToVoxeld(MapTransform):
+    """A point's world coordinates (``keys``, ``(3,)``) -> voxel indices of ``image_key``'s grid as it is now
+    (after resampling, cropping and flips, which keep the affine up to date), written to ``output_key``."""
+
+    def __init__(self, keys: KeysCollection, image_key: str = "image", output_key: str = "first_click") -> None:
+        super().__init__(keys, allow_missing_keys=True)  # windows placed otherwise carry no click
+        self.image_key = image_key
+        self.output_key = output_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        affine = np.asarray(d[self.image_key].affine, np.float64)
         for key in self.key_iterator(d):
-            image = d[key]
-            affine = torch.as_tensor(image.affine, dtype=torch.float64).clone()
-            affine[:3, 3] = affine[:3, :3] @ torch.as_tensor(start, dtype=torch.float64) + affine[:3, 3]
-            crop = extract_window(image, start.tolist(), sizes.tolist())
-            d[key] = MetaTensor(crop, affine=affine, meta={k: v for k, v in image.meta.items() if k != "affine"})
+            world = np.asarray(d.pop(key), np.float64)
+            voxel = np.linalg.solve(affine, np.append(world, 1.0))[:3]
+            d[self.output_key] = torch.as_tensor(voxel, dtype=torch.float32)
         return d
 
 

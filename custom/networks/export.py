@@ -10,21 +10,25 @@ import torch
 from torch import nn
 
 from ..files import write_atomic
+from .sam_med3d_fullres import ImageFeatures
 
 
 class EncodeStep(nn.Module):
-    """``(1, 1, D, H, W)`` normalised crop -> embedding ``(1, C, D/p, H/p, W/p)``."""
+    """``(1, 1, D, H, W)`` normalised crop -> embedding ``(1, C, D/p, H/p, W/p)``; for full-resolution variants the
+    tuple ``(embedding, *skips)`` of their :class:`~custom.networks.sam_med3d_fullres.ImageFeatures`."""
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.network = network
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.network.encode(image)
+    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        features = self.network.encode(image)
+        return (features.embedding, *features.skips) if isinstance(features, ImageFeatures) else features
 
 
 class PromptStep(nn.Module):
-    """Embedding, clicks ``(1, N, 3)`` / ``(1, N)`` and the previous low-res logits -> (logits, iou).
+    """Embedding, clicks ``(1, N, 3)`` / ``(1, N)``, the previous logits (and, for full-resolution variants, the
+    stem's features, finest first) -> (logits, iou).
 
     The first click passes zeros as previous logits (what ``decode(..., mask_input=None)`` does)."""
 
@@ -32,8 +36,24 @@ class PromptStep(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, embedding, point_coords, point_labels, mask_input) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.network.decode(embedding, point_coords, point_labels, mask_input)
+    def forward(
+        self, embedding, point_coords, point_labels, mask_input, skips: tuple[torch.Tensor, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        features = ImageFeatures(embedding, tuple(skips)) if skips else embedding
+        return self.network.decode(features, point_coords, point_labels, mask_input)
+
+
+def _example_inputs(network: nn.Module, size: int) -> tuple[torch.Tensor, tuple, tuple]:
+    """A crop, the encode step's outputs, and the prompt step's example arguments (two clicks, zero logits)."""
+    image = torch.zeros(1, 1, size, size, size)
+    with torch.no_grad():
+        features = network.encode(image)
+    embedding, skips = (features.embedding, features.skips) if isinstance(features, ImageFeatures) else (features, ())
+    grid = tuple(embedding.shape[2:])
+    logits_size = network.logits_size(grid) if hasattr(network, "logits_size") else [4 * g for g in grid]
+    previous = torch.zeros(1, 1, *logits_size)
+    clicks, labels = torch.zeros(1, 2, 3), torch.ones(1, 2, dtype=torch.long)
+    return image, (embedding, *skips), (embedding, clicks, labels, previous, tuple(skips))
 
 
 def export_network(
@@ -42,25 +62,15 @@ def export_network(
     """Export the encode and prompt steps of ``network`` (in eval mode) for a cubic crop of ``image_size``
     (default: the network's), with the number of clicks dynamic up to ``max_points``."""
     network = network.eval()
-    size = int(image_size or network.img_size)
-    image = torch.zeros(1, 1, size, size, size)
-    with torch.no_grad():
-        embedding = network.encode(image)
-    grid = embedding.shape[2:]
-    low_res = torch.zeros(1, 1, *[4 * g for g in grid])
-    clicks = torch.zeros(1, 2, 3)
-    labels = torch.ones(1, 2, dtype=torch.long)
+    image, _, prompt_args = _example_inputs(network, int(image_size or network.img_size))
+    skips = prompt_args[-1]
     num_points = torch.export.Dim("num_points", min=1, max=max_points)
+    dynamic = {"embedding": None, "point_coords": {1: num_points}, "point_labels": {1: num_points}, "mask_input": None}
     encode = torch.export.export(EncodeStep(network), (image,))
     prompt = torch.export.export(
         PromptStep(network),
-        (embedding, clicks, labels, low_res),
-        dynamic_shapes={
-            "embedding": None,
-            "point_coords": {1: num_points},
-            "point_labels": {1: num_points},
-            "mask_input": None,
-        },
+        prompt_args if skips else prompt_args[:-1],
+        dynamic_shapes=dynamic | ({"skips": (None,) * len(skips)} if skips else {}),
     )
     return encode, prompt
 
@@ -82,22 +92,20 @@ def export_onnx(
     onnxruntime on a CPU: the inputs and outputs of :class:`EncodeStep` and :class:`PromptStep`, the number of
     clicks dynamic up to ``max_points``."""
     network = network.eval()
-    size = int(image_size or network.img_size)
-    image = torch.zeros(1, 1, size, size, size)
-    with torch.no_grad():
-        embedding = network.encode(image)
-    low_res = torch.zeros(1, 1, *[4 * g for g in embedding.shape[2:]])
-    clicks, labels = torch.zeros(1, 2, 3), torch.ones(1, 2, dtype=torch.long)
+    image, _, prompt_args = _example_inputs(network, int(image_size or network.img_size))
+    skips = prompt_args[-1]
     num_points = torch.export.Dim("num_points", min=1, max=max_points)
     output_dir = Path(output_dir)
     paths = output_dir / "encode.onnx", output_dir / "prompt_step.onnx"
+    skip_names = [f"skip_{i}" for i in range(len(skips))]
     specs = (
-        (EncodeStep(network), (image,), None, ["image"], ["embedding"]),
+        (EncodeStep(network), (image,), None, ["image"], ["embedding", *skip_names]),
         (
             PromptStep(network),
-            (embedding, clicks, labels, low_res),
-            {"embedding": None, "point_coords": {1: num_points}, "point_labels": {1: num_points}, "mask_input": None},
-            ["embedding", "point_coords", "point_labels", "mask_input"],
+            prompt_args if skips else prompt_args[:-1],
+            {"embedding": None, "point_coords": {1: num_points}, "point_labels": {1: num_points}, "mask_input": None}
+            | ({"skips": (None,) * len(skips)} if skips else {}),
+            ["embedding", "point_coords", "point_labels", "mask_input", *skip_names],
             ["low_res_logits", "iou"],
         ),
     )

@@ -33,9 +33,11 @@ class PositionEmbeddingRandom3D(nn.Module):
     repeat_sine = True
     swap_dense_axes = True
 
-    def __init__(self, num_pos_feats: int = 128, scale: float = 1.0) -> None:
+    def __init__(self, num_pos_feats: int = 128, scale: float = 1.0, swap_dense_axes: bool | None = None) -> None:
         super().__init__()
         self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn(3, num_pos_feats))
+        if swap_dense_axes is not None:  # a variant trained here may drop the released weights' swap
+            self.swap_dense_axes = bool(swap_dense_axes)
 
     @property
     def width(self) -> int:
@@ -73,6 +75,12 @@ class PromptEncoder3D(nn.Module):
         box_prompts: two more learned embeddings, added to the positional encodings of a box's minimum and
             maximum corner (points labelled ``BOX_MIN`` / ``BOX_MAX``), as 2D SAM does. The released weights
             have none: a box given to a network without them is an error, never silently ignored.
+        dense_pe_axis_swap: the released weights' swap of axes 0 and 1 in the dense encoding (module docstring);
+            False for variants trained here, whose click tokens then share the image's coordinate frame.
+        mask_prompt_chans: channels of the dense prompt input: 1 (the previous logits) or more (for example the
+            previous logits and the positive and negative click maps).
+        mask_downscale_stages: stride-2 stages from the dense prompt's grid to the embedding grid (2: the
+            low-res logits at 4x the embedding grid; 3 for full-resolution logits of 8^3 patches).
     """
 
     def __init__(
@@ -81,12 +89,17 @@ class PromptEncoder3D(nn.Module):
         mask_in_chans: int = 16,
         pe_layer: PositionEmbeddingRandom3D | None = None,
         box_prompts: bool = False,
+        dense_pe_axis_swap: bool = True,
+        mask_prompt_chans: int = 1,
+        mask_downscale_stages: int = 2,
     ) -> None:
         super().__init__()
         if pe_layer is None:
             if embed_dim % 3:
                 raise ValueError(f"prompt embed_dim={embed_dim} must be divisible by 3 (sin, cos, sin blocks)")
-            pe_layer = PositionEmbeddingRandom3D(embed_dim // 3)
+            pe_layer = PositionEmbeddingRandom3D(embed_dim // 3, swap_dense_axes=dense_pe_axis_swap)
+        if mask_downscale_stages < 2:
+            raise ValueError(f"mask_downscale_stages must be >= 2, got {mask_downscale_stages}")
         if pe_layer.width != embed_dim:
             raise ValueError(f"the positional encoding is {pe_layer.width} wide, the prompts {embed_dim}")
         self.embed_dim = embed_dim
@@ -97,15 +110,23 @@ class PromptEncoder3D(nn.Module):
         self.box_prompts = box_prompts
         if box_prompts:
             self.box_corner_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
-        self.mask_downscaling = nn.Sequential(
-            nn.Conv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
+        # upstream's two stages keep their state-dict indices; further stages (full-resolution prompts) go after them
+        stages = [
+            nn.Conv3d(mask_prompt_chans, mask_in_chans // 4, kernel_size=2, stride=2),
             LayerNorm3d(mask_in_chans // 4),
             nn.GELU(),
             nn.Conv3d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
             LayerNorm3d(mask_in_chans),
             nn.GELU(),
-            nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1),
-        )
+        ]
+        for _ in range(mask_downscale_stages - 2):
+            stages += [
+                nn.Conv3d(mask_in_chans, mask_in_chans, kernel_size=2, stride=2),
+                LayerNorm3d(mask_in_chans),
+                nn.GELU(),
+            ]
+        self.mask_prompt_chans = mask_prompt_chans
+        self.mask_downscaling = nn.Sequential(*stages, nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1))
         # Never trained upstream (training always passes a mask); kept for checkpoint compatibility only.
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
@@ -143,7 +164,8 @@ class PromptEncoder3D(nn.Module):
         return tokens
 
     def embed_mask(self, mask_logits: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, 4g0, 4g1, 4g2)`` low-res logits -> dense prompt ``(B, C, g0, g1, g2)``."""
+        """``(B, mask_prompt_chans, s g0, s g1, s g2)`` (the previous logits, ``s = 2^mask_downscale_stages``, and
+        any further dense prompt channels) -> dense prompt ``(B, C, g0, g1, g2)``."""
         return self.mask_downscaling(mask_logits)
 
     def forward(

@@ -6,9 +6,14 @@ at widths that train on a CPU.
 
 Every SAM-Med3D variant names its relative-position bias (``rel_pos_bias``, see
 :class:`custom.networks.image_encoder.Attention`): ``"upstream"`` is what the released weights were trained
-with; ``"decomposed"`` (the textbook bias) is what ``sam_med3d_lite``, the shipped model, was trained with.
-Checkpoints written by this bundle record it, and :func:`custom.networks.load_checkpoint` refuses a file
-whose bias differs from the network's.
+with; ``"decomposed"`` (the textbook bias) is what the lite variants trained here use. Checkpoints written by
+this bundle record it, and :func:`custom.networks.load_checkpoint` refuses a file whose bias differs from the
+network's. Likewise ``dense_pe_axis_swap``: the released weights' dense positional encoding swaps axes 0 and 1
+(reference §1); the full-resolution variants, trained here, do not.
+
+The full-resolution variants (``sam_med3d_lite_fullres*``, :mod:`custom.networks.sam_med3d_fullres`) add a
+convolutional stem and predict the window's own voxels instead of SAM's quarter-resolution logits; the
+``_clickmaps`` one also gives clicks as dense maps beside the previous logits.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .mask_decoder import MaskDecoder3D
 from .medsam3d import build_medsam3d
 from .prompt_encoder import PromptEncoder3D
 from .sam_med3d import SamMed3D
+from .sam_med3d_fullres import build_sam_fullres
 
 
 def build_sam(
@@ -43,6 +49,7 @@ def build_sam(
     rel_pos_bias: str,
     box_prompts: bool = False,
     fast_window_attention: bool = True,
+    dense_pe_axis_swap: bool = True,
 ) -> SamMed3D:
     """A SAM-Med3D network (encoder, prompt encoder, decoder) from explicit settings; see the variants."""
     if any(i < 0 or i >= encoder_depth for i in encoder_global_attn_indexes):
@@ -61,7 +68,12 @@ def build_sam(
         fast_window_attention=fast_window_attention,
         rel_pos_bias=rel_pos_bias,
     )
-    prompt_encoder = PromptEncoder3D(embed_dim=prompt_embed_dim, mask_in_chans=mask_in_chans, box_prompts=box_prompts)
+    prompt_encoder = PromptEncoder3D(
+        embed_dim=prompt_embed_dim,
+        mask_in_chans=mask_in_chans,
+        box_prompts=box_prompts,
+        dense_pe_axis_swap=dense_pe_axis_swap,
+    )
     decoder = MaskDecoder3D(
         transformer_dim=prompt_embed_dim, transformer_heads=decoder_heads, transformer_mlp_dim=decoder_mlp_dim
     )
@@ -82,9 +94,27 @@ class Variant:
         return self.settings["rel_pos_bias"]
 
 
-def _sam_variant(description: str, **settings: Any) -> Variant:
+def _sam_variant(description: str, builder: Callable[..., nn.Module] = build_sam, **settings: Any) -> Variant:
     settings.setdefault("box_prompts", False)
-    return Variant(build_sam, MappingProxyType(settings), description, frozenset({"fast_window_attention"}))
+    settings.setdefault("dense_pe_axis_swap", True)
+    return Variant(builder, MappingProxyType(settings), description, frozenset({"fast_window_attention"}))
+
+
+#: the lite variants' encoder and prompt width (64^3 windows of 8^3 patches at 1.5 mm, all blocks global)
+_LITE = dict(
+    image_size=64,
+    patch_size=8,
+    encoder_embed_dim=256,
+    encoder_depth=6,
+    encoder_num_heads=8,
+    encoder_global_attn_indexes=(),
+    window_size=0,
+    prompt_embed_dim=192,
+    decoder_heads=8,
+    decoder_mlp_dim=1024,
+    mask_in_chans=16,
+    rel_pos_bias="decomposed",
+)
 
 
 VARIANTS: Mapping[str, Variant] = MappingProxyType(
@@ -121,20 +151,18 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType(
         ),
         # Trained by this bundle on a CPU (the shipped model.pt): 64^3 windows (96 mm at 1.5 mm) of 8^3
         # patches, all blocks global, with the textbook bias it was trained with.
-        "sam_med3d_lite": _sam_variant(
-            "the shipped model: 64^3 windows of 8^3 patches at 1.5 mm",
-            image_size=64,
-            patch_size=8,
-            encoder_embed_dim=256,
-            encoder_depth=6,
-            encoder_num_heads=8,
-            encoder_global_attn_indexes=(),
-            window_size=0,
-            prompt_embed_dim=192,
-            decoder_heads=8,
-            decoder_mlp_dim=1024,
-            mask_in_chans=16,
-            rel_pos_bias="decomposed",
+        "sam_med3d_lite": _sam_variant("64^3 windows of 8^3 patches at 1.5 mm; low-res (3 mm) logits", **_LITE),
+        # Full-resolution variants (custom/networks/sam_med3d_fullres.py): a convolutional stem and a decoder that
+        # predicts the window's 1.5 mm voxels; no axis swap in the dense positional encoding (trained here).
+        "sam_med3d_lite_fullres": _sam_variant(
+            "lite encoder, convolutional stem, full-resolution decoder; clicks as tokens",
+            build_sam_fullres,
+            **dict(_LITE, dense_pe_axis_swap=False, click_maps=False),
+        ),
+        "sam_med3d_lite_fullres_clickmaps": _sam_variant(
+            "lite encoder, convolutional stem, full-resolution decoder; clicks as tokens and as dense maps",
+            build_sam_fullres,
+            **dict(_LITE, dense_pe_axis_swap=False, click_maps=True),
         ),
         "sam_med3d_tiny": _sam_variant(
             "tests and quick experiments",
@@ -181,7 +209,9 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType(
 )
 
 #: the yes/no settings of the builders: a command line's "false" becomes False, not a truthy string
-FLAG_SETTINGS = frozenset({"box_prompts", "fast_window_attention", "freeze_backbone"})
+FLAG_SETTINGS = frozenset(
+    {"box_prompts", "fast_window_attention", "freeze_backbone", "dense_pe_axis_swap", "click_maps"}
+)
 
 #: name -> settings (read-only), for code that only needs the numbers.
 SAM_MED3D_VARIANTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({k: v.settings for k, v in VARIANTS.items()})
@@ -207,7 +237,8 @@ def build_sam_med3d(name: str = "sam_med3d", **overrides: Any) -> nn.Module:
         overrides: any of the variant's settings (``image_size``, ``patch_size``, ``encoder_embed_dim``,
             ``encoder_depth``, ``encoder_num_heads``, ``encoder_global_attn_indexes``, ``window_size``,
             ``prompt_embed_dim``, ``decoder_heads``, ``decoder_mlp_dim``, ``mask_in_chans``, ``rel_pos_bias``,
-            ``box_prompts``)
+            ``box_prompts``, ``dense_pe_axis_swap``; the full-resolution variants also ``decoder_chans``,
+            ``click_maps``, ``click_map_sigma``)
             and ``fast_window_attention`` (default True; False selects the padded reference computation).
             ``"medsam3d_adapter"`` takes the settings of :func:`custom.networks.medsam3d.build_medsam3d`.
     """

@@ -40,6 +40,22 @@ class SamMed3D(nn.Module):
         """Side of the cubic crop the network was built for (voxels)."""
         return self.image_encoder.img_size
 
+    def logits_size(self, grid: tuple[int, ...] | torch.Size) -> list[int]:
+        """The spatial size of :meth:`decode`'s logits (and of its ``mask_input``) for an embedding grid."""
+        return [LOW_RES_UPSCALE * g for g in grid]
+
+    @staticmethod
+    def _check_points(point_coords: torch.Tensor | None, point_labels: torch.Tensor | None) -> None:
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        if point_coords is not None and (
+            point_coords.ndim != 3 or point_coords.shape[-1] != 3 or point_labels.shape != point_coords.shape[:2]
+        ):
+            raise ValueError(
+                f"expected point_coords (B, N, 3) and point_labels (B, N), got {tuple(point_coords.shape)} "
+                f"and {tuple(point_labels.shape)}"
+            )
+
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """``(B, 1, D, H, W)`` normalised crop -> embedding ``(B, C, D/p, H/p, W/p)``."""
         return self.image_encoder(image)
@@ -64,16 +80,8 @@ class SamMed3D(nn.Module):
             low-res logits ``(B, 1, 4g0, 4g1, 4g2)`` and predicted IoU ``(B, 1)`` (untrained upstream).
         """
         b, _, *grid = embedding.shape
-        low_res_grid = [LOW_RES_UPSCALE * g for g in grid]
-        if (point_coords is None) != (point_labels is None):
-            raise ValueError("point_coords and point_labels must be given together")
-        if point_coords is not None and (
-            point_coords.ndim != 3 or point_coords.shape[-1] != 3 or point_labels.shape != point_coords.shape[:2]
-        ):
-            raise ValueError(
-                f"expected point_coords (B, N, 3) and point_labels (B, N), got {tuple(point_coords.shape)} "
-                f"and {tuple(point_labels.shape)}"
-            )
+        low_res_grid = self.logits_size(grid)
+        self._check_points(point_coords, point_labels)
         if mask_input is None:
             mask_input = embedding.new_zeros(b, 1, *low_res_grid)
         elif tuple(mask_input.shape[2:]) != tuple(low_res_grid):
@@ -96,5 +104,8 @@ class SamMed3D(nn.Module):
 
 
 def upsample_logits(low_res_logits: torch.Tensor, size: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Trilinear (align_corners=False) upsampling of ``(B, 1, d, h, w)`` logits to ``size``."""
+    """Trilinear (align_corners=False) upsampling of ``(B, 1, d, h, w)`` logits to ``size`` (unchanged if they
+    already have it: full-resolution variants)."""
+    if tuple(low_res_logits.shape[2:]) == tuple(size):
+        return low_res_logits
     return F.interpolate(low_res_logits, size=tuple(size), mode="trilinear", align_corners=False)

@@ -1,0 +1,158 @@
+"""The training recipe in which prompts are needed: windows placed around the first click (centred as inference
+centres them, or off-centre), that click handed to the interaction, the loss weighted over click steps, and the
+validation metrics that need both the first click and the later ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, RandFlipd, ResizeWithPadOrCropd
+
+from custom.engines import InteractiveSegmentation, mean_of_metrics, metric_difference
+from custom.spacing import AxisAlignedSpacingd
+from custom.transforms import CropAroundClickd, WorldPointToVoxeld
+
+ROI, SPACING = 32, 1.5
+
+
+def _case(seed: int = 0):
+    """A volume whose intensity is a linear function of world coordinates (trilinear resampling keeps it exact),
+    with an anisotropic, shifted affine and a target blob."""
+    affine = torch.tensor([[2.0, 0, 0, -30.0], [0, 1.0, 0, 12.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]], dtype=torch.float64)
+    shape = (40, 60, 24)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float64)
+    world = grid @ affine[:3, :3].numpy().T + affine[:3, 3].numpy()
+    image = world @ np.array([1.0, 2.0, 3.0])
+    label = np.zeros(shape, np.uint8)
+    label[15:25, 20:40, 8:16] = 1
+    return {
+        "image": MetaTensor(torch.as_tensor(image, dtype=torch.float32)[None], affine=affine),
+        "label": MetaTensor(torch.as_tensor(label)[None], affine=affine),
+    }, affine
+
+
+def _pipeline(centre_probability: float, max_offset_mm: float, flips: bool = True) -> Compose:
+    transforms = [
+        CropAroundClickd(
+            ["image", "label"],
+            roi_size=ROI,
+            spacing_mm=SPACING,
+            centre_probability=centre_probability,
+            max_offset_mm=max_offset_mm,
+        ),
+        AxisAlignedSpacingd(["image", "label"], [SPACING] * 3, mode=["bilinear", "nearest"]),
+        ResizeWithPadOrCropd(["image", "label"], [ROI] * 3),
+    ]
+    if flips:
+        transforms += [RandFlipd(["image", "label"], prob=0.5, spatial_axis=a) for a in range(3)]
+    transforms.append(WorldPointToVoxeld("first_click_world", image_key="image", output_key="first_click"))
+    return Compose(transforms)
+
+
+def test_the_first_click_lands_where_it_was_drawn_after_resampling_and_flips():
+    data, affine = _case()
+    pipeline = _pipeline(0.5, 12.0)
+    on_target = 0
+    for seed in range(12):
+        pipeline.set_random_state(seed=seed)
+        out = pipeline(dict(data))
+        click = out["first_click"]
+        assert click.shape == (3,) and bool(((click >= 0) & (click <= ROI - 1)).all())
+        voxel = tuple(click.round().long().tolist())
+        # the window's intensity encodes world position: at the click's voxel it is the click's own value, up to
+        # half a window voxel in each direction
+        world = (
+            np.asarray(out["image"].affine)[:3, :3] @ np.asarray(voxel, float) + np.asarray(out["image"].affine)[:3, 3]
+        )
+        assert float(out["image"][0][voxel]) == pytest.approx(float(world @ [1.0, 2.0, 3.0]), abs=1e-3)
+        assert "first_click_world" not in out  # consumed
+        assert np.linalg.norm(world - _world_of(click, out)) <= 0.5 * SPACING * 3**0.5 + 1e-6
+        on_target += int(out["label"][0][voxel] == 1)
+    assert on_target >= 10  # drawn on the target; a boundary voxel may resample just outside it
+
+
+def _world_of(click: torch.Tensor, out: dict) -> np.ndarray:
+    affine = np.asarray(out["image"].affine)
+    return affine[:3, :3] @ click.numpy().astype(float) + affine[:3, 3]
+
+
+def test_centred_windows_put_the_click_at_the_centre_and_offset_ones_move_it():
+    data, _ = _case()
+    centred, offset = _pipeline(1.0, 12.0, flips=False), _pipeline(0.0, 12.0, flips=False)
+    distances = []
+    for seed in range(10):
+        centred.set_random_state(seed=seed)
+        offset.set_random_state(seed=seed)
+        assert (centred(dict(data))["first_click"] - ROI / 2).abs().max() <= 1.0
+        distances.append(float((offset(dict(data))["first_click"] - ROI / 2).abs().max()))
+    assert max(distances) > 4 and max(distances) <= 12.0 / SPACING + 1.0  # up to 8 voxels, never outside
+
+
+def test_an_offset_that_could_leave_the_window_is_refused():
+    with pytest.raises(ValueError, match="max_offset_mm"):
+        CropAroundClickd(["image", "label"], roi_size=32, spacing_mm=1.5, max_offset_mm=30.0)
+
+
+class _Spy(torch.nn.Module):
+    """Records each decode's points; predicts the previous logits (zeros first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def encode(self, image):
+        return image
+
+    def decode(self, embedding, coords, labels, mask_input=None):
+        self.calls.append((None if coords is None else coords.clone(), None if labels is None else labels.clone()))
+        b, _, *size = embedding.shape
+        logits = torch.full((b, 1, *size), -5.0) + self.weight if mask_input is None else mask_input
+        return logits, None
+
+
+def test_the_given_first_click_is_the_interactions_first_and_all_clicks_are_kept():
+    spy = _Spy()
+    model = InteractiveSegmentation(
+        spy, num_click_steps=4, mask_only_step_range=None, last_step_mask_only=False, click_memory="all"
+    )
+    target = torch.zeros(2, 1, 16, 16, 16)
+    target[:, :, 4:12, 4:12, 4:12] = 1
+    first = torch.tensor([[5.0, 6.0, 7.0], [0.0, 0.0, 0.0]])  # the second lies off its target: simulated instead
+    logits, weights = model(torch.zeros(2, 1, 16, 16, 16), target, torch.Generator().manual_seed(0), first, True)
+    assert logits.shape == (4, 2, 1, 16, 16, 16)
+    coords, labels = spy.calls[0]
+    assert coords[0, 0].tolist() == [5.0, 6.0, 7.0] and labels[0, 0] == 1
+    assert target[1, 0][tuple(coords[1, 0].long().tolist())] == 1  # a click drawn on the target
+    assert [c.shape[1] for c, _ in spy.calls] == [1, 2, 3, 4]  # every click so far, every step
+    assert torch.allclose(weights, torch.full((4,), 0.25))
+
+
+def test_mask_only_steps_weigh_what_they_are_given():
+    model = InteractiveSegmentation(_Spy(), num_click_steps=5, mask_only_step_range=(2, 2), mask_only_weight=0.5)
+    weights = model.step_weights(model.mask_only_steps(torch.Generator().manual_seed(0)))
+    assert torch.allclose(weights, torch.tensor([1, 1, 0.5, 1, 0.5]) / 4.0)
+
+
+def test_the_key_metric_is_the_mean_of_dice_after_one_and_five_clicks_and_the_gain_their_difference():
+    from ignite.engine import Engine
+    from monai.handlers import MeanDice, from_engine
+
+    one = MeanDice(output_transform=from_engine(["pred_1", "label"]))
+    five = MeanDice(output_transform=from_engine(["pred_5", "label"]))
+    label = torch.zeros(1, 1, 4, 4, 4)
+    label[..., :2] = 1  # 32 voxels
+    pred_1 = torch.zeros_like(label)
+    pred_1[..., :1] = 1  # 16 voxels inside: Dice 2*16/48
+    outputs = [{"pred_1": list(pred_1), "pred_5": list(label), "label": list(label)}]
+    engine = Engine(lambda e, batch: batch)
+    mean_of_metrics([one, five]).attach(engine, "key")
+    metric_difference(five, one).attach(engine, "gain")
+    one.attach(engine, "dice_1")
+    five.attach(engine, "dice_5")
+    state = engine.run(outputs)
+    assert state.metrics["dice_1"] == pytest.approx(2 / 3)
+    assert state.metrics["key"] == pytest.approx((2 / 3 + 1) / 2)
+    assert state.metrics["gain"] == pytest.approx(1 / 3)
