@@ -63,7 +63,8 @@ def case_name(image_path: str | os.PathLike) -> str:
 def unique_case_names(images: Sequence[str | os.PathLike], given: Sequence[str | None] | None = None) -> list[str]:
     """One distinct output name per case: ``given[i]`` where an entry names itself (``"case"``), else
     :func:`case_name`; names that collide (``a/ct.nii.gz`` and ``b/ct.nii.gz``) are prefixed with as many of
-    their folders' names as it takes (``a_ct``, ``b_ct``), then numbered."""
+    their folders' names as it takes (``a_ct``, ``b_ct``), then numbered with the first suffix no other case
+    has (``ct``, ``ct``, ``ct_2`` -> ``ct``, ``ct_3``, ``ct_2``): two cases never share an output."""
     paths = [Path(os.path.abspath(str(p))) for p in images]
     given = list(given) if given is not None else [None] * len(paths)
     names = [safe_name(g) if g else case_name(p) for p, g in zip(paths, given)]
@@ -77,11 +78,15 @@ def unique_case_names(images: Sequence[str | os.PathLike], given: Sequence[str |
         for i in clashing:
             folders = [safe_name(part) for part in paths[i].parent.parts[-depth:] if part not in ("/", "\\")]
             names[i] = "_".join([*folders, case_name(paths[i])])
-    seen: dict[str, int] = {}
+    taken, seen = set(names), set()
     for i, name in enumerate(names):  # the same file listed twice
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:
-            names[i] = f"{name}_{seen[name]}"
+        if name in seen:
+            number = 2
+            while f"{name}_{number}" in taken:  # a file may be called ct_2 already
+                number += 1
+            names[i] = f"{name}_{number}"
+            taken.add(names[i])
+        seen.add(names[i])
     return names
 
 
