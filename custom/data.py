@@ -293,6 +293,7 @@ class CaseList:
             raise ValueError("nothing to segment: give --input_dict or --datalist")
         self.cases: list[dict[str, Any]] = []
         self.failures: list[str] = []
+        self.warnings: list[str] = []
         images: list[Path | None] = []
         for entry, folder in entries:
             try:
@@ -315,10 +316,22 @@ class CaseList:
         data_list_key: str = "validation",
         dataset_dir: str | os.PathLike | None = None,
     ) -> CaseList:
-        """Labelled cases for evaluation: unusable entries are reported as failures, the rest are kept."""
+        """Labelled cases for evaluation: unusable entries are reported as failures, the rest are kept; an entry
+        listed again (same image and label files) is counted once, with a warning (:attr:`warnings`)."""
         cases = cls.__new__(cls)
-        cases.failures = []
-        cases.cases, problems = check_labelled_entries(read_labelled_datalist(datalist, data_list_key, dataset_dir))
+        cases.failures, cases.warnings = [], []
+        entries, first = [], {}
+        for index, entry in enumerate(read_labelled_datalist(datalist, data_list_key, dataset_dir)):
+            files = tuple(os.path.realpath(str(entry[k])) if entry.get(k) else None for k in ("image", "label"))
+            if files in first:
+                cases.report_warning(
+                    f"entry {index} of {data_list_key!r} repeats entry {first[files]} (image {entry.get('image')!r}, "
+                    f"label {entry.get('label')!r}): evaluated and counted once"
+                )
+                continue
+            first[files] = index
+            entries.append(entry)
+        cases.cases, problems = check_labelled_entries(entries)
         for problem in problems:
             cases.report_failure(problem)
         return cases
@@ -326,6 +339,11 @@ class CaseList:
     def report_failure(self, message: str) -> None:
         logger.error(message)
         self.failures.append(message)
+
+    def report_warning(self, message: str) -> None:
+        """Something the run handled (and says so) without failing a case; listed in evaluation summaries."""
+        logger.warning(message)
+        self.warnings.append(message)
 
     def raise_if_failed(self) -> None:
         """Raise (non-zero exit of ``monai.bundle run``) when any case failed."""
@@ -569,7 +587,7 @@ def image_case_list(
     if not entries:
         raise ValueError("nothing to segment: give --input_dict or --datalist")
     cases = CaseList.__new__(CaseList)
-    cases.cases, cases.failures = [], []
+    cases.cases, cases.failures, cases.warnings = [], [], []
     valid = []
     for entry, folder, default_modality in entries:
         if not isinstance(entry, Mapping) or "image" not in entry:

@@ -544,6 +544,7 @@ class EvaluationReport:
         if self.first_step == 0:
             summary["cvpr25"] = cvpr25_summary(self.rows, self.num_clicks)
         summary["failed_cases"] = list(getattr(self.failures, "failures", []))
+        summary["warnings"] = list(getattr(self.failures, "warnings", []))
         write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         if self.rows:
             write_atomic(self.output_dir / "dice_vs_clicks.png", self._plot)
