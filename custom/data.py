@@ -10,8 +10,10 @@ e.g. ``"CT"``, chooses the intensity clamping as in training), or for several::
 
     {"image": "ct.nii.gz", "objects": [{"label": 1, "points": ..., "point_labels": ...}, ...]}
 
-Voxel points are indices of the image as stored on disk, in array order. After :func:`parse_case` every
-case has the form ``{"image": str, "case": str, "objects": [{"label", "points", "point_labels", "space"}]}``.
+Voxel points are indices of the image as stored on disk, in array order. A DICOM folder holding several series
+needs ``"series_uid"`` (its SeriesInstanceUID). After :func:`parse_case` every case has the form
+``{"image": str, "case": str, "objects": [{"label", "points", "point_labels", "space"}]}`` (and ``series_uid``,
+``prev_mask`` where given).
 """
 
 from __future__ import annotations
@@ -235,6 +237,8 @@ def parse_case(
         label = check_label(case, "object 0", entry.get("label", 1))
         parsed = [_parse_object(case, entry, label, f"object 0 (label {label})", need_positive)]
     normalised = {"image": str(image), "case": case, "objects": parsed, "modality": str(entry.get("modality", ""))}
+    if entry.get("series_uid"):
+        normalised["series_uid"] = str(entry["series_uid"])
     if entry.get("prev_mask"):
         prev = Path(str(entry["prev_mask"])).expanduser()
         if base_dir is not None and not prev.is_absolute():
@@ -315,9 +319,15 @@ class CaseList:
         datalist: str | os.PathLike | Sequence[str | os.PathLike],
         data_list_key: str = "validation",
         dataset_dir: str | os.PathLike | None = None,
+        max_grid_voxels: int | None = None,
+        spacing_mm: Sequence[float] | float | None = None,
     ) -> CaseList:
         """Labelled cases for evaluation: unusable entries are reported as failures, the rest are kept; an entry
-        listed again (same image and label files) is counted once, with a warning (:attr:`warnings`)."""
+        listed again (same image and label files) is counted once, with a warning (:attr:`warnings`).
+
+        Args:
+            max_grid_voxels, spacing_mm: the predictor's limit, checked from each image's header first.
+        """
         cases = cls.__new__(cls)
         cases.failures, cases.warnings = [], []
         entries, first = [], {}
@@ -331,7 +341,7 @@ class CaseList:
                 continue
             first[files] = index
             entries.append(entry)
-        cases.cases, problems = check_labelled_entries(entries)
+        cases.cases, problems = check_labelled_entries(entries, max_grid_voxels=max_grid_voxels, spacing_mm=spacing_mm)
         for problem in problems:
             cases.report_failure(problem)
         return cases
@@ -483,14 +493,21 @@ def _absolute_entry(entry: Any, base: Path) -> dict[str, Any]:
 
 
 def check_labelled_entries(
-    entries: Sequence[Mapping[str, Any]], min_target_voxels: int = 1
+    entries: Sequence[Mapping[str, Any]],
+    min_target_voxels: int = 1,
+    max_grid_voxels: int | None = None,
+    spacing_mm: Sequence[float] | float | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Split entries into usable ones and problems: every image and label must exist and be readable, have the
-    same spatial shape and hold a class of at least ``min_target_voxels`` voxels. Usable entries gain
-    ``classes`` (the labels present) and ``case``."""
-    from monai.transforms import LoadImage
+    """Split entries into usable ones and problems: every image and label must exist and be readable (each header
+    checked first, :func:`custom.transforms.load_volume`), have the same spatial shape and hold a class of at least
+    ``min_target_voxels`` voxels, with whole-number label values. Usable entries gain ``classes`` (the labels
+    present) and ``case``.
 
-    reader = LoadImage(image_only=True)
+    Args:
+        max_grid_voxels, spacing_mm: the predictor's grid limit and spacing (None: memory is the only limit).
+    """
+    from .transforms import as_label_map, load_volume, read_npz_case
+
     problems, checked = [], []
     names = unique_case_names([e.get("image", "?") for e in entries], [e.get("case") for e in entries])
     for entry, case in zip(entries, names):
@@ -499,22 +516,25 @@ def check_labelled_entries(
         if missing:
             problems.append(f"{case}: {', '.join(f'{k} {entry.get(k)!r}' for k in missing)} does not exist")
             continue
+        limits = {"max_grid_voxels": max_grid_voxels, "spacing_mm": spacing_mm}
         try:
             if str(entry["image"]).lower().endswith(".npz"):
-                from .transforms import read_npz_case
-
-                loaded = read_npz_case(entry["image"])
+                loaded = read_npz_case(entry["image"], **limits)
                 image_shape, label = tuple(loaded["image"].shape), loaded.get("label")
                 if label is None:
                     raise ValueError("the case holds no 'gts'")
             else:
-                image_shape = tuple(reader(entry["image"]).shape)
-                label = reader(entry["label"])
+                image_shape = tuple(load_volume(entry["image"], entry.get("series_uid"), **limits).shape)
+                label = as_label_map(load_volume(entry["label"], dtype=None), str(entry["label"]))
+        except CaseError as err:  # named already
+            problems.append(f"{case}: {err}")
+            continue
         except Exception as err:  # report unreadable files with the others
             problems.append(f"{case}: unreadable ({type(err).__name__}: {err})")
             continue
-        if tuple(label.shape) != image_shape:
-            problems.append(f"{case}: label shape {tuple(label.shape)} does not match image shape {image_shape}")
+        if tuple(label.shape) != image_shape:  # channel first, both
+            shapes = f"label shape {tuple(label.shape)[1:]} does not match image shape {image_shape[1:]}"
+            problems.append(f"{case}: {shapes}")
             continue
         values, counts = np.unique(np.asarray(label), return_counts=True)
         classes = [int(v) for v, c in zip(values, counts) if v > 0 and c >= min_target_voxels]
@@ -608,6 +628,8 @@ def image_case_list(
             cases.report_failure(f"case {case!r}: " + "; ".join(problems))
             continue
         item = {k: str(p) for k, p in paths.items()}
+        if entry.get("series_uid"):
+            item["series_uid"] = str(entry["series_uid"])
         cases.cases.append(dict(item, case=case, modality=str(entry.get("modality", default_modality))))
     return cases
 
