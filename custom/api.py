@@ -37,6 +37,8 @@ def segment(
     autocast_dtype: str | None = None,
     max_windows_per_object: int = 8,
     spacing_mm: Sequence[float] = (1.5, 1.5, 1.5),
+    series_uid: str | None = None,
+    max_clicks_per_object: int = 100,
 ) -> Path:
     """Segment one image from clicks with ``<bundle_root>/configs/inference.json`` and return the mask's path.
 
@@ -52,7 +54,9 @@ def segment(
         modality: e.g. ``"CT"`` (intensity clamping as in training).
         prev_mask: an earlier label map of this image to continue from.
         network_name, ckpt_path: the network (default: the shipped model of ``bundle_root``).
-        click_memory, autocast_dtype, max_windows_per_object, spacing_mm: as in ``inference.json``.
+        click_memory, autocast_dtype, max_windows_per_object, spacing_mm, max_clicks_per_object: as in
+            ``inference.json``.
+        series_uid: the DICOM series to segment when ``image`` is a folder holding several.
 
     Raises:
         RuntimeError: the case failed (the message names why); ValueError: an unknown option value.
@@ -72,6 +76,8 @@ def segment(
         entry["point_labels"] = list(point_labels or [])
     if prev_mask is not None:
         entry["prev_mask"] = str(prev_mask)
+    if series_uid is not None:
+        entry["series_uid"] = str(series_uid)
     cases = CaseList(input_dict=entry)
     if cases.failures:
         cases.raise_if_failed()
@@ -88,6 +94,7 @@ def segment(
         "autocast_dtype": check_autocast_dtype(autocast_dtype),
         "max_windows_per_object": int(max_windows_per_object),
         "spacing_mm": [float(s) for s in spacing_mm],
+        "max_clicks_per_object": int(max_clicks_per_object),
     }
     workflow = ConfigWorkflow(
         config_file=str(bundle_root / "configs" / "inference.json"), workflow_type="infer", **overrides

@@ -10,8 +10,10 @@ e.g. ``"CT"``, chooses the intensity clamping as in training), or for several::
 
     {"image": "ct.nii.gz", "objects": [{"label": 1, "points": ..., "point_labels": ...}, ...]}
 
-Voxel points are indices of the image as stored on disk, in array order. After :func:`parse_case` every
-case has the form ``{"image": str, "case": str, "objects": [{"label", "points", "point_labels", "space"}]}``.
+Voxel points are indices of the image as stored on disk, in array order. A DICOM folder holding several series
+needs ``"series_uid"`` (its SeriesInstanceUID). After :func:`parse_case` every case has the form
+``{"image": str, "case": str, "objects": [{"label", "points", "point_labels", "space"}]}`` (and ``series_uid``,
+``prev_mask`` where given).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def case_name(image_path: str | os.PathLike) -> str:
 def unique_case_names(images: Sequence[str | os.PathLike], given: Sequence[str | None] | None = None) -> list[str]:
     """One distinct output name per case: ``given[i]`` where an entry names itself (``"case"``), else
     :func:`case_name`; names that collide (``a/ct.nii.gz`` and ``b/ct.nii.gz``) are prefixed with as many of
-    their folders' names as it takes (``a_ct``, ``b_ct``), then numbered."""
+    their folders' names as it takes (``a_ct``, ``b_ct``), then numbered with the first suffix no other case
+    has (``ct``, ``ct``, ``ct_2`` -> ``ct``, ``ct_3``, ``ct_2``): two cases never share an output."""
     paths = [Path(os.path.abspath(str(p))) for p in images]
     given = list(given) if given is not None else [None] * len(paths)
     names = [safe_name(g) if g else case_name(p) for p, g in zip(paths, given)]
@@ -77,11 +80,15 @@ def unique_case_names(images: Sequence[str | os.PathLike], given: Sequence[str |
         for i in clashing:
             folders = [safe_name(part) for part in paths[i].parent.parts[-depth:] if part not in ("/", "\\")]
             names[i] = "_".join([*folders, case_name(paths[i])])
-    seen: dict[str, int] = {}
+    taken, seen = set(names), set()
     for i, name in enumerate(names):  # the same file listed twice
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:
-            names[i] = f"{name}_{seen[name]}"
+        if name in seen:
+            number = 2
+            while f"{name}_{number}" in taken:  # a file may be called ct_2 already
+                number += 1
+            names[i] = f"{name}_{number}"
+            taken.add(names[i])
+        seen.add(names[i])
     return names
 
 
@@ -230,6 +237,8 @@ def parse_case(
         label = check_label(case, "object 0", entry.get("label", 1))
         parsed = [_parse_object(case, entry, label, f"object 0 (label {label})", need_positive)]
     normalised = {"image": str(image), "case": case, "objects": parsed, "modality": str(entry.get("modality", ""))}
+    if entry.get("series_uid"):
+        normalised["series_uid"] = str(entry["series_uid"])
     if entry.get("prev_mask"):
         prev = Path(str(entry["prev_mask"])).expanduser()
         if base_dir is not None and not prev.is_absolute():
@@ -288,6 +297,7 @@ class CaseList:
             raise ValueError("nothing to segment: give --input_dict or --datalist")
         self.cases: list[dict[str, Any]] = []
         self.failures: list[str] = []
+        self.warnings: list[str] = []
         images: list[Path | None] = []
         for entry, folder in entries:
             try:
@@ -309,11 +319,29 @@ class CaseList:
         datalist: str | os.PathLike | Sequence[str | os.PathLike],
         data_list_key: str = "validation",
         dataset_dir: str | os.PathLike | None = None,
+        max_grid_voxels: int | None = None,
+        spacing_mm: Sequence[float] | float | None = None,
     ) -> CaseList:
-        """Labelled cases for evaluation: unusable entries are reported as failures, the rest are kept."""
+        """Labelled cases for evaluation: unusable entries are reported as failures, the rest are kept; an entry
+        listed again (same image and label files) is counted once, with a warning (:attr:`warnings`).
+
+        Args:
+            max_grid_voxels, spacing_mm: the predictor's limit, checked from each image's header first.
+        """
         cases = cls.__new__(cls)
-        cases.failures = []
-        cases.cases, problems = check_labelled_entries(read_labelled_datalist(datalist, data_list_key, dataset_dir))
+        cases.failures, cases.warnings = [], []
+        entries, first = [], {}
+        for index, entry in enumerate(read_labelled_datalist(datalist, data_list_key, dataset_dir)):
+            files = tuple(os.path.realpath(str(entry[k])) if entry.get(k) else None for k in ("image", "label"))
+            if files in first:
+                cases.report_warning(
+                    f"entry {index} of {data_list_key!r} repeats entry {first[files]} (image {entry.get('image')!r}, "
+                    f"label {entry.get('label')!r}): evaluated and counted once"
+                )
+                continue
+            first[files] = index
+            entries.append(entry)
+        cases.cases, problems = check_labelled_entries(entries, max_grid_voxels=max_grid_voxels, spacing_mm=spacing_mm)
         for problem in problems:
             cases.report_failure(problem)
         return cases
@@ -321,6 +349,11 @@ class CaseList:
     def report_failure(self, message: str) -> None:
         logger.error(message)
         self.failures.append(message)
+
+    def report_warning(self, message: str) -> None:
+        """Something the run handled (and says so) without failing a case; listed in evaluation summaries."""
+        logger.warning(message)
+        self.warnings.append(message)
 
     def raise_if_failed(self) -> None:
         """Raise (non-zero exit of ``monai.bundle run``) when any case failed."""
@@ -460,14 +493,21 @@ def _absolute_entry(entry: Any, base: Path) -> dict[str, Any]:
 
 
 def check_labelled_entries(
-    entries: Sequence[Mapping[str, Any]], min_target_voxels: int = 1
+    entries: Sequence[Mapping[str, Any]],
+    min_target_voxels: int = 1,
+    max_grid_voxels: int | None = None,
+    spacing_mm: Sequence[float] | float | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Split entries into usable ones and problems: every image and label must exist and be readable, have the
-    same spatial shape and hold a class of at least ``min_target_voxels`` voxels. Usable entries gain
-    ``classes`` (the labels present) and ``case``."""
-    from monai.transforms import LoadImage
+    """Split entries into usable ones and problems: every image and label must exist and be readable (each header
+    checked first, :func:`custom.transforms.load_volume`), have the same spatial shape and hold a class of at least
+    ``min_target_voxels`` voxels, with whole-number label values. Usable entries gain ``classes`` (the labels
+    present) and ``case``.
 
-    reader = LoadImage(image_only=True)
+    Args:
+        max_grid_voxels, spacing_mm: the predictor's grid limit and spacing (None: memory is the only limit).
+    """
+    from .transforms import as_label_map, load_volume, read_npz_case
+
     problems, checked = [], []
     names = unique_case_names([e.get("image", "?") for e in entries], [e.get("case") for e in entries])
     for entry, case in zip(entries, names):
@@ -476,22 +516,25 @@ def check_labelled_entries(
         if missing:
             problems.append(f"{case}: {', '.join(f'{k} {entry.get(k)!r}' for k in missing)} does not exist")
             continue
+        limits = {"max_grid_voxels": max_grid_voxels, "spacing_mm": spacing_mm}
         try:
             if str(entry["image"]).lower().endswith(".npz"):
-                from .transforms import read_npz_case
-
-                loaded = read_npz_case(entry["image"])
+                loaded = read_npz_case(entry["image"], **limits)
                 image_shape, label = tuple(loaded["image"].shape), loaded.get("label")
                 if label is None:
                     raise ValueError("the case holds no 'gts'")
             else:
-                image_shape = tuple(reader(entry["image"]).shape)
-                label = reader(entry["label"])
+                image_shape = tuple(load_volume(entry["image"], entry.get("series_uid"), **limits).shape)
+                label = as_label_map(load_volume(entry["label"], dtype=None), str(entry["label"]))
+        except CaseError as err:  # named already
+            problems.append(f"{case}: {err}")
+            continue
         except Exception as err:  # report unreadable files with the others
             problems.append(f"{case}: unreadable ({type(err).__name__}: {err})")
             continue
-        if tuple(label.shape) != image_shape:
-            problems.append(f"{case}: label shape {tuple(label.shape)} does not match image shape {image_shape}")
+        if tuple(label.shape) != image_shape:  # channel first, both
+            shapes = f"label shape {tuple(label.shape)[1:]} does not match image shape {image_shape[1:]}"
+            problems.append(f"{case}: {shapes}")
             continue
         values, counts = np.unique(np.asarray(label), return_counts=True)
         classes = [int(v) for v, c in zip(values, counts) if v > 0 and c >= min_target_voxels]
@@ -564,7 +607,7 @@ def image_case_list(
     if not entries:
         raise ValueError("nothing to segment: give --input_dict or --datalist")
     cases = CaseList.__new__(CaseList)
-    cases.cases, cases.failures = [], []
+    cases.cases, cases.failures, cases.warnings = [], [], []
     valid = []
     for entry, folder, default_modality in entries:
         if not isinstance(entry, Mapping) or "image" not in entry:
@@ -585,6 +628,8 @@ def image_case_list(
             cases.report_failure(f"case {case!r}: " + "; ".join(problems))
             continue
         item = {k: str(p) for k, p in paths.items()}
+        if entry.get("series_uid"):
+            item["series_uid"] = str(entry["series_uid"])
         cases.cases.append(dict(item, case=case, modality=str(entry.get("modality", default_modality))))
     return cases
 

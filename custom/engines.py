@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import zlib
 from collections.abc import Sequence
@@ -503,18 +504,49 @@ class SaveLatestCheckpoint:
         save_atomic(state, self.output_dir / "training_state.pt")
 
 
+def read_training_state(path: str | os.PathLike) -> dict:
+    """``training_state.pt`` as :class:`SaveLatestCheckpoint` wrote it (tensors and numbers: ``weights_only``).
+
+    Raises:
+        ValueError: naming the file, what is wrong with it and the safe next step (never ``weights_only=False``).
+    """
+    path = Path(path)
+    restart = (
+        f"resume cannot continue from it: start a new run in another --output_dir, with --pretrained_ckpt "
+        f"{str(path.parent / 'model_latest.pt')!r} to keep the last saved weights if that file loads"
+    )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{str(path)!r} holds pickled Python objects, which are not loaded (unpickling them could run code; do "
+            f"not load it with weights_only=False): this bundle writes tensors and numbers only, so the file comes "
+            f"from elsewhere or was altered; {restart}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        size = f"{path.stat().st_size:,} bytes" if path.is_file() else "missing"
+        raise ValueError(
+            f"{str(path)!r} ({size}) is damaged (truncated, or not a PyTorch file: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); {restart}"
+        ) from None
+
+
 class ResumeTrainingState(CheckpointLoader):
     """``CheckpointLoader`` for ``training_state.pt`` that also restores the trainer it is attached to
     (epoch, iteration), which a config cannot name inside the trainer's own handler list, and the global
-    random generators."""
+    random generators; a damaged or foreign file is named with the safe next step (:func:`read_training_state`)."""
 
     def attach(self, engine) -> None:
         self.load_dict = dict(self.load_dict, trainer=engine)
         super().attach(engine)
         engine.add_event_handler(Events.STARTED, self._restore_random_states)
 
+    def __call__(self, engine) -> None:
+        read_training_state(self.load_path)  # MONAI's own load would say only torch's words, without the file
+        super().__call__(engine)
+
     def _restore_random_states(self, engine) -> None:
-        checkpoint = torch.load(self.load_path, map_location="cpu", weights_only=True)
+        checkpoint = read_training_state(self.load_path)
         if "random_states" in checkpoint:
             restore_random_states(checkpoint["random_states"])
 

@@ -6,7 +6,10 @@ a named, seeded protocol (:data:`custom.prompts.CLICK_PROTOCOLS`) and answered b
 affects, window embeddings shared from click to click and class to class, the mask updated on the stored grid.
 
 ``metrics.csv`` gets each target's rows as soon as the target is done; a rerun into the same folder (same
-settings) skips the targets already there, so an interrupted evaluation loses at most the target in progress.
+settings) skips the targets already there, so an interrupted evaluation loses at most the target in progress, and
+gives the numbers an uninterrupted run gives: the classes of a case share window embeddings (an object's first
+window may be one an earlier class opened), so a case cut short is replayed from its first class, the finished
+ones without writing their rows again.
 """
 
 from __future__ import annotations
@@ -174,7 +177,9 @@ class ClickEvaluationStep:
         labels = truth_map.numpy()
         truth_boxes = ndimage.find_objects(labels if labels.dtype.kind in "iu" else labels.astype(np.int32))
         rows = []
-        for target_class in pending:
+        # finished classes before a pending one are replayed (rows dropped): what they leave in the predictor's
+        # embedding cache decides where later classes' first windows go
+        for target_class in classes[: classes.index(pending[-1]) + 1]:
             generator = self.click_generator(case, target_class)
             truth_box = truth_boxes[target_class - 1]
             prediction = torch.zeros(truth_map.shape, dtype=torch.bool)
@@ -209,6 +214,8 @@ class ClickEvaluationStep:
                     }
                 )
             predictor.reset(target_class)
+            if target_class not in pending:
+                continue
             if self.report is not None:
                 self.report.add_target(target_rows)
             rows.extend(target_rows)
@@ -537,6 +544,7 @@ class EvaluationReport:
         if self.first_step == 0:
             summary["cvpr25"] = cvpr25_summary(self.rows, self.num_clicks)
         summary["failed_cases"] = list(getattr(self.failures, "failures", []))
+        summary["warnings"] = list(getattr(self.failures, "warnings", []))
         write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         if self.rows:
             write_atomic(self.output_dir / "dice_vs_clicks.png", self._plot)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -55,9 +56,20 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk says "[Errno 28] No space left on device" and no more
+        message = f"{err.strerror or err}: could not write {str(path)!r}{_unchanged(path)}"
+        raise (OSError(err.errno, message) if err.errno is not None else OSError(message)) from err
+    except RuntimeError as err:  # torch.save reports a full disk as "[enforce fail ...] unexpected pos"
+        raise RuntimeError(f"could not write {str(path)!r}{_unchanged(path)}: {err}") from err
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _unchanged(path: Path) -> str:
+    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
+    space = f", {free / 2**20:,.0f} MiB free on that disk" if free is not None else ""
+    return f" ({'the earlier file is unchanged' if path.exists() else 'nothing was written'}{space})"
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -67,11 +79,33 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def append_line_durably(path: str | os.PathLike, text: str) -> None:
     """Append ``text`` (whole lines) to ``path`` with one ``write`` call and flush it to disk, so that an
-    interruption leaves at most an unfinished last line, which readers of such logs drop."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    interruption leaves at most an unfinished last line, which readers of such logs drop. A link at ``path`` is
+    not followed (it could lead out of the output folder)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with open(fd, "a", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        what = "is a link, which is not followed" if Path(path).is_symlink() else "could not be appended to"
+        raise OSError(err.errno, f"{err.strerror or err}: {str(path)!r} {what}") from err
+
+
+def inside_folder(root: str | os.PathLike, *parts: str) -> Path:
+    """``root / parts``, checked to stay inside ``root`` with every link followed (``root`` itself may be a link):
+    a folder inside the output folder that links elsewhere would otherwise carry writes out of it.
+
+    Raises:
+        CaseError: naming the path and where it leads.
+    """
+    from .data import CaseError
+
+    path = Path(root, *parts)
+    real, real_root = path.resolve(), Path(root).resolve()
+    if real != real_root and real_root not in real.parents:
+        raise CaseError(f"{str(path)!r} leads to {str(real)!r}, outside the output folder {str(root)!r}: not written")
+    return path
 
 
 def check_writable_folder(folder: str | os.PathLike) -> Path:

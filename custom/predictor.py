@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.data.utils import compute_importance_map
-from monai.transforms import EnsureChannelFirst, LoadImage, Orientation
+from monai.transforms import Orientation
 
 from .networks.prompt_encoder import BOX_MAX, BOX_MIN
 from .networks.sam_med3d import LOW_RES_UPSCALE, upsample_logits
 from .precision import autocast, check_autocast_dtype
 from .prompts import CLICK_MEMORIES, check_click_memory, deepest_point, prompt_points
 from .spacing import AxisAlignedSpacingd, NetworkGrid
-from .transforms import extract_window, normalize_crop
+from .transforms import extract_window, load_volume, normalize_crop
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -148,8 +148,8 @@ class VolumetricPredictor:
         Raises:
             ValueError: not a single-channel 3D volume, or a network grid above ``max_grid_voxels``.
         """
-        if isinstance(image, str):
-            image = EnsureChannelFirst()(LoadImage(image_only=True)(image))
+        if isinstance(image, str):  # the header checked first (load_volume): a gzip bomb is refused unread
+            image = load_volume(image, max_grid_voxels=self.max_grid_voxels, spacing_mm=self.spacing_mm)
         if not isinstance(image, MetaTensor) or image.ndim != 4 or image.shape[0] != 1:
             shape = tuple(getattr(image, "shape", ()))
             raise ValueError(f"set_image expects a single-channel 3D MetaTensor (1, D, H, W), got shape {shape}")
@@ -303,7 +303,7 @@ class VolumetricPredictor:
         if np.any(stored < -0.5) or np.any(stored > shape - 0.5):
             raise ValueError(
                 f"point {list(point)} ({space}) is outside the image (voxel {np.round(stored[0], 2).tolist()}, "
-                f"image shape {shape.tolist()})"
+                f"image shape {shape.tolist()}): each voxel index must lie in -0.5 .. n - 0.5"
             )
         obj = self._object(key)
         obj.clicks += 1

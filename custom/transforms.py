@@ -1,26 +1,35 @@
-"""Dictionary transforms for prompted segmentation: checks, clicks to world space, label maps and saving.
+"""Dictionary transforms for prompted segmentation: reading, checks, clicks to world space, label maps and saving.
 
-Clicks are checked against the image and passed on as voxel indices of its stored grid; the predictor
-(:mod:`custom.predictor`) maps them to the network's grid and pastes its masks back.
+Images are read after their headers are checked (:func:`inspect_volume`, :func:`check_declared_size`): nothing is
+decompressed or allocated for a volume that would be refused, and nothing read is executed. Clicks are checked
+against the image and passed on as voxel indices of its stored grid; the predictor (:mod:`custom.predictor`) maps
+them to the network's grid and pastes its masks back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
+import zipfile
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable
+from monai.data import ITKReader, MetaTensor
+from monai.data.utils import compute_shape_offset, zoom_affine
+from monai.transforms import LoadImage, LoadImaged, MapTransform, Randomizable
 
 from .data import CaseError, case_name, safe_name
-from .files import write_atomic, write_text_atomic
+from .files import inside_folder, write_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 #: keys the pre-processing adds for the inferer (``PrepareBatchExtraInput`` passes them on).
 POINT_COORDS, POINT_LABELS, OBJECT_LABELS, BOXES = "point_coords", "point_labels", "object_labels", "boxes"
@@ -62,6 +71,433 @@ def _source_name(image: Any) -> str:
     return str(meta.get("filename_or_obj", "<in-memory image>"))
 
 
+# ------------------------------------------------------------------------------------------ reading volumes
+
+#: image metadata key (JSON) of what the reader found or assumed about an input file (the DICOM series read, an
+#: orientation taken for granted); :class:`SaveSegmentationd` copies it into the report
+INPUT_NOTES = "input_notes"
+
+#: NRRD ``space`` values with an anatomical meaning (ITK turns each into LPS), long and short forms
+_NRRD_ANATOMICAL = frozenset(
+    {"right-anterior-superior", "left-anterior-superior", "left-posterior-superior", "ras", "las", "lps"}
+)
+#: NRRD ``space`` values without one, which ITK (and so this bundle) reads as LPS; said so in the report
+_NRRD_TAKEN_AS_LPS = frozenset({"scanner-xyz", "3d-right-handed", ""})
+_DICOM_TAGS = {"uid": "0020|000e", "description": "0008|103e", "modality": "0008|0060", "position": "0020|0032"}
+
+
+@dataclass
+class DeclaredVolume:
+    """What an image file's header declares, read without its voxels.
+
+    Attributes:
+        path: the file or DICOM folder.
+        shape: array shape as stored (spatial axes first, then any channels or time points).
+        spacing: voxel size in mm along the first three array axes.
+        itemsize: bytes per voxel as stored (all components).
+        dtype: the stored voxel type, in words.
+        file_bytes: the size of the file (a DICOM series: of its files).
+        reader: the MONAI reader to load it with (a DICOM series: the chosen series); None: MONAI's choice.
+        notes: what was found or assumed, for the report (:data:`INPUT_NOTES`).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    itemsize: int
+    dtype: str
+    file_bytes: int
+    reader: Any = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def inspect_volume(path: str | os.PathLike, series_uid: str | None = None) -> DeclaredVolume | None:
+    """Read an image's header (NIfTI, NRRD/MHA and other ITK formats, a DICOM series folder), not its voxels, and
+    refuse what would otherwise be read silently wrong: RGB voxels, a voxel size of 0, an NRRD ``space`` without
+    a known meaning, a folder of several DICOM series without ``series_uid``, a series whose slices are not evenly
+    spaced. Returns None for a file type it does not know (MONAI reads it unchecked).
+
+    Raises:
+        CaseError: naming the file, the value and what was expected.
+    """
+    path = str(path)
+    name = path.lower()
+    if os.path.isdir(path):
+        return _inspect_dicom_series(path, series_uid)
+    if name.endswith((".nii", ".nii.gz")):
+        return _inspect_nifti(path)
+    if name.endswith((".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")):
+        return _inspect_itk_file(path)
+    return None
+
+
+def _check_spacing(path: str, spacing: Sequence[float], where: str) -> None:
+    for axis, size in enumerate(spacing):
+        if not np.isfinite(size) or size <= 0:
+            raise CaseError(
+                f"{path}: the voxel size along array axis {axis} is {size} ({where.format(index=axis + 1)}): the scan's "
+                "true spacing is unknown (a reader would take 1 mm); write the real voxel size into the header"
+            )
+
+
+def _refuse_rgb(path: str, what: str) -> None:
+    raise CaseError(f"{path}: RGB images are not supported ({what}); expected a single-channel 3D scan")
+
+
+def _inspect_nifti(path: str) -> DeclaredVolume:
+    image = nib.load(path)  # the header only: the voxels stay on disk
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(path) as handle:  # as written: nibabel's own check replaces a voxel size of 0 by 1
+        header = type(image.header).from_fileobj(handle, check=False)
+    dtype = header.get_data_dtype()
+    if dtype.fields is not None:
+        _refuse_rgb(path, f"NIfTI datatype {int(header['datatype'])}, voxels of {dtype}")
+    shape = tuple(int(n) for n in header.get_data_shape())
+    sform = header.get_sform()
+    if int(header["sform_code"]) > 0 and abs(np.linalg.det(sform[:3, :3])) > 1e-12:
+        spacing = np.sqrt((sform[:3, :3] ** 2).sum(axis=0))  # the sform gives the geometry: pixdim is unused
+    else:  # qform or plain pixdim geometry: both scale by pixdim
+        spacing = np.abs(np.asarray(header["pixdim"][1:4], np.float64))
+        _check_spacing(path, spacing[: min(len(shape), 3)], "pixdim[{index}] in the header, and no usable sform")
+    return DeclaredVolume(
+        path, shape, tuple(float(s) for s in spacing), dtype.itemsize, str(dtype), os.path.getsize(path)
+    )
+
+
+def _nrrd_space(path: str) -> str | None:
+    """The ``space`` field of a NRRD header (lower case; ``""`` when it has none); None for other files."""
+    if not path.lower().endswith((".nrrd", ".nhdr")):
+        return None
+    with open(path, "rb") as handle:
+        text = handle.read(1 << 20).split(b"\n\n", 1)[0].decode("latin-1")
+    for line in text.splitlines()[1:]:
+        key, colon, value = line.partition(":")
+        if colon and not line.startswith("#") and not value.startswith("=") and key.strip().lower() == "space":
+            return value.strip().lower()
+    return ""
+
+
+def _itk_header(path: str):
+    import itk
+
+    io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise CaseError(f"{path}: not an image file ITK can read")
+    io.SetFileName(path)
+    io.ReadImageInformation()
+    return io
+
+
+def _inspect_itk_file(path: str) -> DeclaredVolume:
+    notes = {}
+    space = _nrrd_space(path)
+    if space is not None:
+        base = space.removesuffix("-time")
+        if base in _NRRD_TAKEN_AS_LPS:
+            notes["geometry_assumed"] = (
+                f"NRRD space {space or '(none)'!r} names no anatomical directions: its axes were taken as LPS "
+                "(left, posterior, superior), as ITK reads them"
+            )
+            logger.warning("%s: %s", path, notes["geometry_assumed"])
+        elif base not in _NRRD_ANATOMICAL:
+            raise CaseError(
+                f"{path}: NRRD space {space!r} is not supported: expected one of right-anterior-superior, "
+                "left-anterior-superior, left-posterior-superior (or RAS, LAS, LPS), or scanner-xyz / 3D-right-handed "
+                "/ none, which are read as LPS (a left-handed space would be mirrored)"
+            )
+    io = _itk_header(path)
+    dims = io.GetNumberOfDimensions()
+    pixel = io.GetPixelTypeAsString(io.GetPixelType())
+    if pixel in ("rgb", "rgba"):
+        _refuse_rgb(path, f"{pixel} pixels")
+    shape = tuple(int(io.GetDimensions(i)) for i in range(dims))  # MONAI's ITK arrays are in ITK's (x, y, z) order
+    spacing = tuple(float(io.GetSpacing(i)) for i in range(min(dims, 3)))
+    _check_spacing(path, spacing, "in the header")
+    components = int(io.GetNumberOfComponents())
+    return DeclaredVolume(
+        path,
+        shape + ((components,) if components > 1 else ()),
+        spacing,
+        int(io.GetComponentSize()) * components,
+        io.GetComponentTypeAsString(io.GetComponentType()),
+        os.path.getsize(path),
+        reader=ITKReader(),  # the same reading whether pynrrd is installed or not (its NrrdReader mirrors LAS)
+        notes=notes,
+    )
+
+
+def _dicom_tags(path: str) -> tuple[Any, dict[str, str]]:
+    io = _itk_header(path)
+    meta = io.GetMetaDataDictionary()
+    return io, {k: str(meta[tag]).strip() if meta.HasKey(tag) else "" for k, tag in _DICOM_TAGS.items()}
+
+
+def _inspect_dicom_series(folder: str, series_uid: str | None) -> DeclaredVolume:
+    import itk
+
+    names = itk.GDCMSeriesFileNames.New()  # set up as MONAI's ITKReader does, so that its series names match
+    names.SetUseSeriesDetails(True)
+    names.AddSeriesRestriction("0008|0021")
+    names.SetDirectory(folder)
+    series = []
+    for identifier in names.GetSeriesUIDs():
+        files = list(names.GetFileNames(identifier))
+        series.append((identifier, files, _dicom_tags(files[0])[1]))
+    if not series:
+        raise CaseError(f"{folder}: no DICOM series in this folder (expected the files of one series)")
+
+    def listing(choices: Sequence[tuple[str, list[str], dict[str, str]]]) -> str:
+        described = []
+        for identifier, files, tags in choices:
+            details = [f"{len(files)} files"] + [tags["modality"]] * bool(tags["modality"])
+            details += [repr(tags["description"])] * bool(tags["description"])
+            described.append(f"{tags['uid'] or identifier} ({', '.join(details)})")
+        return "; ".join(described)
+
+    chosen = series
+    if series_uid:
+        chosen = [s for s in series if str(series_uid) in (s[0], s[2]["uid"])]
+        if not chosen:
+            raise CaseError(f"{folder}: no DICOM series {series_uid!r} in this folder; it holds: {listing(series)}")
+    if len(chosen) > 1:
+        raise CaseError(
+            f"{folder}: the folder holds {len(chosen)} DICOM series; give the entry's 'series_uid', one of: "
+            + listing(chosen)
+        )
+    identifier, files, tags = chosen[0]
+    io, _ = _dicom_tags(files[0])
+    spacing = [float(io.GetSpacing(0)), float(io.GetSpacing(1)), 1.0]
+    _check_spacing(folder, spacing[:2], "PixelSpacing of the series")
+    notes = {"dicom_series_uid": tags["uid"] or identifier, "dicom_files": str(len(files))}
+    if tags["description"]:
+        notes["dicom_series_description"] = tags["description"]
+    if len(files) > 1:
+        spacing[2] = _dicom_slice_spacing(folder, tags["uid"] or identifier, files, notes)
+    pixel = io.GetPixelTypeAsString(io.GetPixelType())
+    if pixel in ("rgb", "rgba"):
+        _refuse_rgb(folder, f"{pixel} pixels")
+    components = int(io.GetNumberOfComponents())
+    return DeclaredVolume(
+        folder,
+        (int(io.GetDimensions(0)), int(io.GetDimensions(1)), len(files)),  # ITK's (x, y, z), the array order read
+        tuple(spacing),
+        int(io.GetComponentSize()) * components,
+        io.GetComponentTypeAsString(io.GetComponentType()),
+        sum(os.path.getsize(f) for f in files),
+        reader=ITKReader(series_name=identifier),
+        notes=notes,
+    )
+
+
+def _dicom_slice_spacing(folder: str, uid: str, files: Sequence[str], notes: dict[str, str]) -> float:
+    """The distance between the series' slices (in ITK's order), refusing uneven gaps, which ITK would spread
+    evenly over the slices (misplacing them); a series without slice positions is stacked 1 mm apart, as ITK does,
+    and the report says so."""
+    positions, normal, missing = [], None, 0
+    for name in files:
+        io, tags = _dicom_tags(name)
+        if not tags["position"]:
+            missing += 1
+            continue
+        if normal is None:
+            normal = np.asarray([io.GetDirection(2)[i] for i in range(3)], np.float64)
+        positions.append(float(np.dot([io.GetOrigin(i) for i in range(3)], normal)))
+    if missing == len(files):
+        notes["geometry_assumed"] = "no slice positions (ImagePositionPatient): slices stacked 1 mm apart in file order"
+        logger.warning("%s: %s", folder, notes["geometry_assumed"])
+        return 1.0
+    if missing:
+        raise CaseError(f"{folder}: series {uid}: {missing} of {len(files)} slices lack ImagePositionPatient")
+    gaps = np.diff(positions)
+    if np.any(np.abs(gaps) < 1e-3):
+        raise CaseError(
+            f"{folder}: series {uid}: several slices lie at the same position ({len(files)} files for "
+            f"{len(set(np.round(positions, 3)))} positions): more than one volume (echoes, phases, time points?) in "
+            "one series; expected one slice per position"
+        )
+    if np.any(gaps > 0) and np.any(gaps < 0):
+        raise CaseError(f"{folder}: series {uid}: the slices are not in position order; expected one stack")
+    typical = float(np.median(np.abs(gaps)))
+    uneven = np.abs(np.abs(gaps) - typical) > max(0.01 * typical, 1e-3)
+    if uneven.any():
+        k = int(np.argmax(uneven))
+        evenly = np.linspace(positions[0], positions[-1], len(positions))
+        raise CaseError(
+            f"{folder}: series {uid}: slices are not evenly spaced: {abs(gaps[k]):.4g} mm between slice {k} and "
+            f"{k + 1} ({Path(files[k]).name}, {Path(files[k + 1]).name}) where the others are {typical:.4g} mm apart "
+            f"(a missing slice?); read as one volume they would be misplaced by up to "
+            f"{np.abs(np.asarray(positions) - evenly).max():.3g} mm. Complete the series, or resample it to a regular "
+            "grid (NIfTI or NRRD) first"
+        )
+    return typical
+
+
+def available_memory() -> int | None:
+    """Bytes a new allocation can take: Linux's ``MemAvailable``, within the container's (cgroup v2) limit; None
+    where unknown."""
+    available = None
+    try:
+        with open("/proc/meminfo") as handle:
+            available = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = free if available is None else min(available, free)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def network_grid_shape(shape: Sequence[int], spacing: Sequence[float], spacing_mm: Sequence[float]) -> list[int]:
+    """The spatial shape the predictor's resampling (``Spacingd``, directions kept) gives a grid of ``shape`` voxels
+    of ``spacing`` mm at ``spacing_mm``."""
+    affine = np.diag([*[float(s) for s in spacing], 1.0])
+    target = zoom_affine(affine, np.broadcast_to(np.asarray(spacing_mm, float), 3), diagonal=False)
+    out, _ = compute_shape_offset(list(shape), affine, target, scale_extent=False)
+    return [int(n) for n in out]
+
+
+def check_declared_size(
+    declared: DeclaredVolume, max_grid_voxels: int | None = None, spacing_mm: Sequence[float] | float | None = None
+) -> None:
+    """Refuse, before its voxels are read, a volume whose network grid (at ``spacing_mm``) would exceed
+    ``max_grid_voxels`` (the predictor's limit) or that would not fit in the memory available: a gzip bomb or a
+    header declaring a huge shape costs nothing to send and minutes and gigabytes to read.
+
+    Raises:
+        CaseError: with the declared shape, type and size, the file's size and the limit.
+    """
+    voxels = int(np.prod(declared.shape, dtype=object))
+    shape = " x ".join(str(n) for n in declared.shape)
+    said = (
+        f"{declared.path}: the header declares {shape} voxels of {declared.dtype} ({voxels:,} voxels, "
+        f"{voxels * 4 / 2**30:,.1f} GiB as float32) in {declared.file_bytes:,} bytes of file"
+    )
+    if max_grid_voxels is not None and spacing_mm is not None and len(declared.shape) >= 3:
+        grid = network_grid_shape(declared.shape[:3], declared.spacing, spacing_mm)
+        grid_voxels = int(np.prod(grid, dtype=object)) * int(np.prod(declared.shape[3:], dtype=object))
+        if grid_voxels > int(max_grid_voxels):
+            raise CaseError(
+                f"{said}: at {list(np.broadcast_to(np.asarray(spacing_mm, float), 3))} mm that makes a "
+                f"{tuple(grid)} network grid ({grid_voxels:,} voxels), above max_grid_voxels={int(max_grid_voxels):,}; "
+                f"check the header's voxel size ({[round(s, 4) for s in declared.spacing]} mm), or raise the limit"
+            )
+    needed = voxels * (declared.itemsize + 4)  # as stored, then as float32
+    available = available_memory()
+    if available is not None and needed > available:
+        raise CaseError(
+            f"{said}: reading it needs about {needed / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB "
+            "of memory available"
+        )
+
+
+def _check_path(
+    path: str | os.PathLike,
+    series_uid: str | None,
+    max_grid_voxels: int | None,
+    spacing_mm: Sequence[float] | float | None,
+) -> DeclaredVolume | None:
+    declared = inspect_volume(path, series_uid)
+    if declared is not None:
+        check_declared_size(declared, max_grid_voxels, spacing_mm)
+    return declared
+
+
+def load_volume(
+    path: str | os.PathLike,
+    series_uid: str | None = None,
+    dtype: Any = np.float32,
+    max_grid_voxels: int | None = None,
+    spacing_mm: Sequence[float] | float | None = None,
+) -> MetaTensor:
+    """A volume file or DICOM series folder, channel first, read after the checks of :func:`inspect_volume` and
+    :func:`check_declared_size`; its metadata's :data:`INPUT_NOTES` say what the reader found or assumed.
+
+    Args:
+        series_uid: the DICOM series to read from a folder holding several (SeriesInstanceUID).
+        dtype: of the voxels (None: as stored).
+        max_grid_voxels, spacing_mm: the predictor's grid limit and spacing (None: memory is the only limit).
+    """
+    declared = _check_path(path, series_uid, max_grid_voxels, spacing_mm)
+    image = LoadImage(image_only=True, ensure_channel_first=True, dtype=dtype)(
+        str(path), declared.reader if declared else None
+    )
+    image.meta[INPUT_NOTES] = json.dumps(declared.notes if declared else {})
+    return image
+
+
+class LoadVolumed(LoadImaged):
+    """MONAI's ``LoadImaged`` (so MONAI Label still wraps it) with :func:`load_volume`'s checks before reading:
+    the header's shape against ``max_grid_voxels`` and memory, RGB, zero voxel sizes, NRRD spaces, the DICOM
+    series (``series_key`` of the item picks one of several) and its slice spacing. NRRD and DICOM are read by
+    ITK whatever else is installed.
+
+    Args:
+        keys: the image keys.
+        max_grid_voxels, spacing_mm: as :class:`~custom.predictor.VolumetricPredictor`'s (None: memory only).
+        series_key: the item's key of a DICOM SeriesInstanceUID.
+        kwargs: ``LoadImaged``'s.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        max_grid_voxels: int | None = None,
+        spacing_mm: Sequence[float] | float | None = None,
+        series_key: str = "series_uid",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(keys, **kwargs)
+        self.max_grid_voxels = max_grid_voxels
+        self.spacing_mm = spacing_mm
+        self.series_key = series_key
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, meta_key, meta_key_postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
+            declared = None
+            if isinstance(d[key], (str, os.PathLike)):
+                declared = _check_path(d[key], d.get(self.series_key), self.max_grid_voxels, self.spacing_mm)
+            loaded = self._loader(d[key], declared.reader if declared and declared.reader else reader)
+            notes = json.dumps(declared.notes if declared else {})
+            if self._loader.image_only:
+                d[key] = loaded
+            else:
+                d[key], meta = loaded
+                meta[INPUT_NOTES] = notes
+                d[meta_key or f"{key}_{meta_key_postfix}"] = meta
+            if isinstance(d[key], MetaTensor):
+                d[key].meta[INPUT_NOTES] = notes
+        return d
+
+
+def as_label_map(label: torch.Tensor, source: str) -> torch.Tensor:
+    """A label map as int16, refusing values that are not whole numbers in -32768..32767 (a float label map
+    cast silently would merge or drop classes: 1.5 becomes 1).
+
+    Raises:
+        CaseError: naming the file and a value.
+    """
+    values = torch.as_tensor(label.as_tensor() if isinstance(label, MetaTensor) else label)
+    if values.is_floating_point():
+        wrong = ~torch.isfinite(values) | (values != values.round())
+        if wrong.any():
+            raise CaseError(
+                f"{source}: label values must be whole numbers (class values), found {float(values[wrong][0])!r} in "
+                f"{int(wrong.sum()):,} voxels"
+            )
+    if values.numel() and (values.min() < -32768 or values.max() > 32767):
+        raise CaseError(
+            f"{source}: label values must lie in -32768..32767 (stored as int16), found {values.min().item()} .. "
+            f"{values.max().item()}"
+        )
+    return label.to(torch.int16)
+
+
 class EnsureVolumed(MapTransform):
     """Require a single-channel 3D volume ``(1, D, H, W)`` (after ``EnsureChannelFirstd``) with finite values
     that are not all the same: a NaN or Inf voxel would silently empty the prediction of every window it
@@ -93,84 +529,167 @@ class EnsureVolumed(MapTransform):
 
 
 class LoadCased(MapTransform):
-    """Load a labelled case, channel first: the image (float32) and the label (int16) through MONAI's readers,
-    or a ``.npz`` case in the CVPR 2025 challenge's format (``imgs`` (D, H, W), ``spacing`` (x, y, z) as
-    SimpleITK gives it, ``gts`` the label, optional ``boxes``, kept as JSON under ``challenge_boxes``), which has
-    no direction: array axis 0 is taken along world z, 1 along y, 2 along x.
+    """Load a labelled case, channel first: the image (float32) and the label (int16, :func:`as_label_map`) with
+    :func:`load_volume`'s checks, or a ``.npz`` case in the CVPR 2025 challenge's format (``imgs`` (D, H, W),
+    ``spacing`` (x, y, z) as SimpleITK gives it, ``gts`` the label, optional ``boxes``, kept as JSON under
+    ``challenge_boxes``), which has no direction: array axis 0 is taken along world z, 1 along y, 2 along x.
 
     Args:
         keys: the image and the label keys.
+        max_grid_voxels, spacing_mm: the predictor's grid limit and spacing, checked from the headers before any
+            voxel is read (None: memory is the only limit).
+        series_key: the item's key of a DICOM SeriesInstanceUID.
     """
 
-    def __init__(self, keys: KeysCollection = ("image", "label")) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        max_grid_voxels: int | None = None,
+        spacing_mm: Sequence[float] | float | None = None,
+        series_key: str = "series_uid",
+    ) -> None:
         super().__init__(keys, allow_missing_keys=True)
-        from monai.transforms import LoadImage
-
-        self.load_image = LoadImage(image_only=True, ensure_channel_first=True)
-        self.load_label = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.int16)
+        self.max_grid_voxels = max_grid_voxels
+        self.spacing_mm = spacing_mm
+        self.series_key = series_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         image_key, label_key = (list(self.keys) + [None])[:2]
         source = str(d[image_key])
+        checks = {"max_grid_voxels": self.max_grid_voxels, "spacing_mm": self.spacing_mm}
         if source.lower().endswith(".npz"):
-            d.update(read_npz_case(source, image_key, label_key))
+            d.update(read_npz_case(source, image_key, label_key, **checks))
             return d
-        d[image_key] = self.load_image(source)
+        d[image_key] = load_volume(source, d.get(self.series_key), **checks)
         if label_key in d:
-            d[label_key] = self.load_label(d[label_key])
+            label = str(d[label_key])
+            d[label_key] = as_label_map(load_volume(label, dtype=None), label)
         return d
 
 
-def read_npz_case(path: str | os.PathLike, image_key: str = "image", label_key: str | None = "label") -> dict[str, Any]:
-    """A CVPR 2025 challenge case (see :class:`LoadCased`) as channel-first MetaTensors."""
-    with np.load(path, allow_pickle=True) as case:
-        if "imgs" not in case:
+#: what an object array in a challenge ``.npz`` may hold besides dicts, lists, numbers and strings: numpy's own
+#: array and scalar reconstruction (numpy 1 and 2 module names)
+_NPZ_GLOBALS = frozenset(
+    {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    | {("numpy", "ndarray"), ("numpy", "dtype")}
+)
+
+
+class _NumpyDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: any other global (``os.system``...) is refused. ``np.load`` offers all or
+    nothing (``allow_pickle``), and the challenge stores its boxes as an object array of dicts."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _NPZ_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not data")
+        return super().find_class(module, name)
+
+
+def _npz_member(archive: zipfile.ZipFile, key: str) -> tuple[IO[bytes], tuple[int, ...], np.dtype]:
+    """The open ``.npy`` member of ``key``, positioned after its header, and that header's shape and dtype."""
+    handle = archive.open(f"{key}.npy")
+    version = np.lib.format.read_magic(handle)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(handle)
+    return handle, tuple(int(n) for n in shape), dtype
+
+
+def _npz_object_array(archive: zipfile.ZipFile, path: str, key: str) -> np.ndarray:
+    """An object array of a ``.npz`` through :class:`_NumpyDataUnpickler`."""
+    handle, _, _ = _npz_member(archive, key)
+    with handle:
+        try:
+            return np.asarray(_NumpyDataUnpickler(handle).load(), dtype=object)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+            raise CaseError(
+                f"{path}: {key!r} holds Python objects that are not loaded (unpickling them could run code: {err}); "
+                "expected dicts of numbers"
+            ) from None
+
+
+def read_npz_case(
+    path: str | os.PathLike,
+    image_key: str = "image",
+    label_key: str | None = "label",
+    max_grid_voxels: int | None = None,
+    spacing_mm: Sequence[float] | float | None = None,
+) -> dict[str, Any]:
+    """A CVPR 2025 challenge case (see :class:`LoadCased`) as channel-first MetaTensors. Nothing in the file is
+    executed: arrays are read with ``allow_pickle=False``, the boxes (an object array of dicts) by an unpickler
+    that builds plain data only; each array's declared shape is checked (:func:`check_declared_size`) before it
+    is read.
+
+    Raises:
+        CaseError: naming the file, the key and what was expected.
+    """
+    path = str(path)
+    with zipfile.ZipFile(path) as archive, np.load(path, allow_pickle=False) as case:
+        if "imgs" not in case.files:
             raise CaseError(f"{path}: a challenge case holds 'imgs' (D, H, W); found {sorted(case.files)}")
-        imgs = case["imgs"]
+
+        def numeric(key: str) -> np.ndarray:
+            handle, shape, dtype = _npz_member(archive, key)
+            handle.close()
+            if dtype.hasobject or dtype.fields is not None:
+                raise CaseError(
+                    f"{path}: {key!r} holds Python objects ({dtype}), which are not loaded (unpickling them could run "
+                    "code); expected a numeric array"
+                )
+            if key in ("imgs", "gts"):
+                size = os.path.getsize(path)
+                check_declared_size(
+                    DeclaredVolume(f"{path} ({key!r})", shape, tuple(spacing[::-1]), dtype.itemsize, str(dtype), size),
+                    max_grid_voxels,
+                    spacing_mm,
+                )
+            return case[key]
+
+        spacing = np.asarray(numeric("spacing"), np.float64).ravel() if "spacing" in case.files else np.ones(3)
+        if spacing.shape != (3,) or not np.all(spacing > 0):
+            raise CaseError(f"{path}: 'spacing' must be 3 positive numbers (x, y, z), got {spacing.tolist()!r}")
+        imgs = numeric("imgs")
         if imgs.ndim != 3:
             raise CaseError(f"{path}: 'imgs' must be (D, H, W), got shape {imgs.shape}")
-        spacing = np.asarray(case["spacing"], np.float64).ravel() if "spacing" in case else np.ones(3)
-        if spacing.shape != (3,) or not np.all(spacing > 0):
-            raise CaseError(f"{path}: 'spacing' must be 3 positive numbers (x, y, z), got {case['spacing']!r}")
         # the challenge's arrays are SimpleITK's (z, y, x) with its spacing in (x, y, z) order: array axis 0
         # runs along world z
         affine = torch.zeros(4, 4, dtype=torch.float64)
         affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = spacing[2], spacing[1], spacing[0], 1.0
+        meta = {"filename_or_obj": path, INPUT_NOTES: "{}"}
         out: dict[str, Any] = {
-            image_key: MetaTensor(
-                torch.as_tensor(imgs.astype(np.float32))[None], affine=affine, meta={"filename_or_obj": str(path)}
-            )
+            image_key: MetaTensor(torch.as_tensor(imgs.astype(np.float32))[None], affine=affine, meta=dict(meta))
         }
-        if label_key is not None and "gts" in case:
-            gts = case["gts"]
+        if label_key is not None and "gts" in case.files:
+            gts = numeric("gts")
             if gts.shape != imgs.shape:
                 raise CaseError(f"{path}: 'gts' of shape {gts.shape} does not match 'imgs' {imgs.shape}")
-            out[label_key] = MetaTensor(
-                torch.as_tensor(gts.astype(np.int16))[None], affine=affine, meta={"filename_or_obj": str(path)}
-            )
-        if "boxes" in case:
-            boxes = [dict(b) for b in np.asarray(case["boxes"], dtype=object).ravel()]
-            out["challenge_boxes"] = json.dumps([{k: int(v) for k, v in b.items()} for b in boxes])
+            label = as_label_map(torch.as_tensor(gts)[None], f"{path} ('gts')")
+            out[label_key] = MetaTensor(label, affine=affine, meta=dict(meta))
+        if "boxes" in case.files:
+            handle, _, dtype = _npz_member(archive, "boxes")
+            handle.close()
+            boxes = (_npz_object_array(archive, path, "boxes") if dtype.hasobject else case["boxes"]).ravel()
+            try:
+                parsed = [{str(k): int(v) for k, v in dict(b).items()} for b in boxes]
+            except (TypeError, ValueError) as err:
+                raise CaseError(f"{path}: 'boxes' must be dicts of numbers, one per class ({err})") from None
+            out["challenge_boxes"] = json.dumps(parsed)
     return out
 
 
 class LoadPrevMaskd(MapTransform):
-    """Load an earlier label map (``prev_mask``) when the case has one, channel first: a transform of its own
-    rather than a second ``LoadImaged`` with a missing key, which MONAI Label's loader wrapper does not allow."""
+    """Load an earlier label map (``prev_mask``) when the case has one, channel first and as int16
+    (:func:`as_label_map`), with :func:`load_volume`'s checks: a transform of its own rather than a second
+    ``LoadImaged`` with a missing key, which MONAI Label's loader wrapper does not allow."""
 
     def __init__(self, keys: KeysCollection = "prev_mask") -> None:
         super().__init__(keys, allow_missing_keys=True)
-        from monai.transforms import EnsureChannelFirst, LoadImage
-
-        self.load = LoadImage(image_only=True)
-        self.channel_first = EnsureChannelFirst()
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             if isinstance(d[key], (str, os.PathLike)):
-                d[key] = self.channel_first(self.load(d[key]))
+                d[key] = as_label_map(load_volume(d[key], dtype=None), str(d[key]))
         return d
 
 
@@ -287,14 +806,24 @@ class ClicksToVoxelsd(MapTransform):
     ``(n_objects,)``, ``boxes`` ``(n_objects, 2, 3)`` (each object's box as stored-grid voxel corners, NaN for
     none), and ``prompt_request`` (the objects as given, JSON, for the report).
 
+    A point is inside the image when each voxel index lies in ``-0.5 .. n - 0.5`` (voxel ``i`` spans ``i - 0.5``
+    to ``i + 0.5``): ``-0.4`` is in voxel 0, ``-0.6`` is outside.
+
     Args:
         keys: the image key, whose affine and shape define the stored grid.
         objects_key: where the parsed objects are.
+        max_clicks_per_object: more clicks on one object are refused (each is a prompt step: 1,000 clicks take
+            half a minute).
     """
 
-    def __init__(self, keys: KeysCollection = "image", objects_key: str = "objects") -> None:
+    def __init__(
+        self, keys: KeysCollection = "image", objects_key: str = "objects", max_clicks_per_object: int = 100
+    ) -> None:
         super().__init__(keys)
         self.objects_key = objects_key
+        if int(max_clicks_per_object) < 1:
+            raise ValueError(f"max_clicks_per_object must be >= 1, got {max_clicks_per_object!r}")
+        self.max_clicks_per_object = int(max_clicks_per_object)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -309,6 +838,11 @@ class ClicksToVoxelsd(MapTransform):
         boxes = np.full((len(objects), 2, 3), np.nan)  # NaN: no box
         for i, obj in enumerate(objects):
             where = f"case {case!r}, object label {obj['label']}"
+            if len(obj["points"]) > self.max_clicks_per_object:
+                raise CaseError(
+                    f"{where}: {len(obj['points']):,} clicks, more than max_clicks_per_object="
+                    f"{self.max_clicks_per_object} (each click is a prompt step); give fewer, or raise the limit"
+                )
             if obj["points"]:
                 points = self._to_voxels(np.asarray(obj["points"], dtype=np.float64), obj["space"], affine)
                 self._check_inside(points, obj["points"], obj["space"], shape, f"{where}: point")
@@ -347,7 +881,8 @@ class ClicksToVoxelsd(MapTransform):
             j = int(np.argmax(outside))
             raise CaseError(
                 f"{what} {list(given[j])} ({'mm' if space == 'world' else 'voxels'}) is outside the image "
-                f"(voxel {np.round(points[j], 2).tolist()}, image shape {shape.tolist()})"
+                f"(voxel {np.round(points[j], 2).tolist()}, image shape {shape.tolist()}): each voxel index must lie "
+                "in -0.5 .. n - 0.5, voxel i spanning i - 0.5 to i + 0.5"
             )
 
 
@@ -375,7 +910,9 @@ def write_label_map(label_map: torch.Tensor, path: str | os.PathLike, like: str 
 
 
 class SaveSegmentationd(MapTransform):
-    """Write ``<output_dir>/<case>/<case>_<postfix>.nii.gz`` and a JSON report beside it, each atomically.
+    """Write ``<output_dir>/<case>/<case>_<postfix>.nii.gz`` and a JSON report beside it, each atomically; a case
+    folder that is a link leading out of ``output_dir`` is refused. The report adds the image's
+    :data:`INPUT_NOTES` (the DICOM series read, orientations assumed).
 
     Args:
         keys: the label map to save, on the stored grid of its image.
@@ -407,9 +944,8 @@ class SaveSegmentationd(MapTransform):
             if isinstance(label_map, MetaTensor) and label_map.meta.get(PROMPT_FAILED):
                 continue  # the inferer reported this case as failed: nothing is written for it
             case = safe_name(d.get("case") or case_name(_source_name(label_map)))
-            target = self.output_dir / case / f"{case}_{self.postfix}.nii.gz"
-            if target.resolve().parent != (self.output_dir / case).resolve():
-                raise CaseError(f"case {case!r}: the output {str(target)!r} would leave {str(self.output_dir)!r}")
+            folder = inside_folder(self.output_dir, case)  # a link there to elsewhere is refused
+            target = folder / f"{case}_{self.postfix}.nii.gz"
             source = _source_name(d.get("image", label_map))
             write_atomic(target, lambda path: write_label_map(label_map, path, like=source))
             report = dict(self.extra_report)
@@ -420,7 +956,10 @@ class SaveSegmentationd(MapTransform):
                 requested = json.loads(d[PROMPT_REQUEST])
                 done = report.get("objects", [{}] * len(requested))
                 report["objects"] = [dict(given, **used) for given, used in zip(requested, done)]
-            report.update(image=_source_name(d.get("image", label_map)), segmentation=str(target))
+            image = d.get("image", label_map)
+            notes = getattr(image, "meta", {}).get(INPUT_NOTES) or "{}"
+            report.update(json.loads(notes[0] if isinstance(notes, (list, tuple)) else notes))
+            report.update(image=_source_name(image), segmentation=str(target))
             write_text_atomic(target.parent / f"{case}_{self.postfix}.json", json.dumps(report, indent=2, default=str))
             d[f"{key}_saved_to"] = str(target)
         return d

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import csv
+import gzip
 import json
 import os
 import stat
 import subprocess
 import sys
+import zlib
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
+from monai.bundle import ConfigWorkflow
 from test_inference import ThresholdNetwork, boundary_tolerant_equal, read_output, run_inference, write_nifti
 
 from custom.api import segment
-from custom.data import CaseList
+from custom.data import CaseError, CaseList
 from custom.files import write_text_atomic
 from custom.networks import build_sam_med3d, checkpoint_payload, load_checkpoint
 
@@ -305,3 +309,462 @@ def test_lowercase_true_and_false_from_the_command_line_mean_what_they_say(tmp_p
     with pytest.raises(ValueError, match="box_prompts must be True or False, got 'yes'"):
         build_sam_med3d("sam_med3d_tiny", box_prompts="yes")
     assert build_sam_med3d("sam_med3d_tiny", box_prompts="TRUE").prompt_encoder.box_prompts
+
+
+# ------------------------------------------------------------------------------------------------------ round two
+# Each test below is one case of issue 24 ("Hostile input, round two"), in the issue's order.
+
+
+def _dataset_json(folder, entries, key="validation"):
+    """An MSD-style dataset.json in ``folder`` listing ``entries``; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = {"0": "background", "1": "one", "2": "two"}
+    (folder / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"}, "labels": labels, key: entries}))
+    return folder
+
+
+def _labelled_case(folder, name, label, image=None, affine=None, label_dtype=np.uint8):
+    """Write ``<name>_img.nii.gz`` (bright where labelled, unless ``image`` is given) and ``<name>_lab.nii.gz``."""
+    affine = np.diag([1.5, 1.5, 1.5, 1.0]) if affine is None else affine
+    write_nifti(folder / f"{name}_img.nii.gz", np.where(label > 0, 100.0, 10.0) if image is None else image, affine)
+    nib.Nifti1Image(np.asarray(label, label_dtype), affine).to_filename(folder / f"{name}_lab.nii.gz")
+    return {"image": f"./{name}_img.nii.gz", "label": f"./{name}_lab.nii.gz"}
+
+
+def _evaluate_folder(tmp_path, dataset, network, **overrides):
+    """evaluate.json on ``dataset/dataset.json`` into ``tmp_path/eval`` (3 clicks, 32^3 windows, raw intensities,
+    unless ``overrides`` say otherwise); returns (summary, rows, the run's failure message or None)."""
+    settings = {"num_clicks": 3, "inferer#roi_size": 32, "inferer#intensity_normalization": None}
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / "evaluate.json"),
+        workflow_type="infer",
+        dataset_dir=str(dataset),
+        datalist=str(dataset / "dataset.json"),
+        output_dir=str(tmp_path / "eval"),
+        network=network,
+        **{**settings, "report#progress": False, **overrides},
+    )
+    workflow.initialize()
+    failure = None
+    try:
+        workflow.run()
+    except RuntimeError as err:
+        failure = str(_root_cause(err))
+    finally:
+        workflow.finalize()
+    out = tmp_path / "eval"
+    with open(out / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return json.loads((out / "summary.json").read_text()), rows, failure
+
+
+def _raw_nifti(path, header, payload=b"", members=()):
+    """A NIfTI file written byte by byte (nibabel's writer would repair the header): the header, then ``payload``;
+    a ``.nii.gz`` gets the header and payload as one gzip member and ``members`` (raw bytes) appended after it."""
+    header["vox_offset"] = 352
+    data = header.binaryblock + b"\0" * 4 + payload
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data) + b"".join(members)
+    path.write_bytes(data)
+    return str(path)
+
+
+def _header(shape, dtype=np.float32, zooms=(1.5, 1.5, 1.5)):
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_zooms(zooms)
+    header.set_sform(np.diag([*zooms, 1.0]), code=1)
+    header.set_qform(np.diag([*zooms, 1.0]), code=1)
+    return header
+
+
+# 1. A challenge .npz cannot run code: its object arrays are not unpickled beyond plain data
+class _Payload:
+    """Unpickling this runs ``touch <marker>``, as a hostile ``.npz`` would run anything."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_npz_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    evil = np.empty(1, dtype=object)
+    evil[0] = _Payload(marker)
+    np.savez(tmp_path / "evil_imgs.npz", imgs=evil, gts=np.zeros((4, 4, 4), np.uint8))
+    gts = np.zeros((12, 14, 16), np.uint8)
+    gts[3:9, 4:10, 5:12] = 1
+    boxes = np.empty(2, dtype=object)
+    boxes[0], boxes[1] = {"z_min": 3}, _Payload(marker)
+    np.savez(tmp_path / "evil_boxes.npz", imgs=np.where(gts > 0, 200, 20).astype(np.uint8), gts=gts, boxes=boxes)
+    good_boxes = np.array([{"z_min": 3, "z_max": 8, "z_mid": 5, "z_mid_x_min": 5, "z_mid_y_min": 4,
+                            "z_mid_x_max": 11, "z_mid_y_max": 9}], dtype=object)  # fmt: skip
+    np.savez(tmp_path / "good.npz", imgs=np.where(gts > 0, 200, 20).astype(np.uint8), gts=gts, boxes=good_boxes)
+    entries = [{"image": f"./{name}.npz"} for name in ("evil_imgs", "evil_boxes", "good")]
+    summary, rows, failure = _evaluate_folder(
+        tmp_path, _dataset_json(tmp_path, entries), ThresholdNetwork(), protocol="cvpr25", num_clicks=1
+    )
+    assert not marker.exists()  # neither payload ran, while the datalist was checked or while loading
+    assert "evil_imgs.npz: 'imgs' holds Python objects (object), which are not loaded" in failure
+    assert "evil_boxes.npz: 'boxes' holds Python objects that are not loaded" in failure
+    assert "posix.system is not data" in failure or "os.system is not data" in failure
+    assert {r["case"] for r in rows} == {"good.npz"} and summary["cvpr25"]["overall"]["cases"] == 1
+
+
+# 2. Generated names never collide with names that exist already
+def test_generated_case_names_never_overwrite_each_other(tmp_path):
+    _blob_image(tmp_path / "ct.nii.gz")
+    _blob_image(tmp_path / "ct_2.nii.gz")
+    click = {"points": [[10, 11, 9]], "point_labels": [1]}
+    datalist = [dict(click, image="ct.nii.gz", label=1), dict(click, image="ct.nii.gz", label=2),
+                dict(click, image="ct_2.nii.gz", label=7)]  # fmt: skip
+    (tmp_path / "list.json").write_text(json.dumps(datalist))
+    out = run_inference(tmp_path, ThresholdNetwork(), datalist=str(tmp_path / "list.json"))
+    assert sorted(p.name for p in out.iterdir()) == ["ct", "ct_2", "ct_3"]
+    for case, label in (("ct", 1), ("ct_3", 2), ("ct_2", 7)):  # each mask is its own entry's
+        mask, _, report = read_output(out, case)
+        assert set(np.unique(mask)) == {0, label}, case
+        assert report["objects"][0]["label"] == label
+
+
+# 3. A resumed evaluation gives the numbers an uninterrupted one gives
+class _CentreNetwork(ThresholdNetwork):
+    """``intensity > 50`` only in the central half of its window: where a window sits changes the mask."""
+
+    def decode(self, embedding, point_coords, point_labels, mask_input=None):
+        quarter = embedding.shape[-1] // 4
+        centre = torch.zeros_like(embedding, dtype=torch.bool)
+        centre[..., quarter:-quarter, quarter:-quarter, quarter:-quarter] = True
+        return (embedding - 50.0).masked_fill(~centre, -10.0), embedding.new_zeros(embedding.shape[0], 1)
+
+
+def test_a_resumed_evaluation_gives_the_uninterrupted_numbers(tmp_path):
+    # class 2 lies next to class 1: its first click falls well inside class 1's window, whose embedding it reuses
+    # when class 1 ran before it; a bright slab makes the mask depend on where that window sits
+    label = np.zeros((48, 24, 24), np.uint8)
+    label[18:25, 8:16, 8:16] = 1
+    label[25:32, 8:16, 8:16] = 2
+    image = np.full(label.shape, 10.0)
+    image[:25, 4:20, 4:20] = 100.0
+    image[label > 0] = 100.0
+    dataset = tmp_path / "data"
+    dataset.mkdir()
+    entries = [_labelled_case(dataset, "pair", label, image)]
+    entries.append(_labelled_case(dataset, "other", np.roll(label, 3, axis=1), np.roll(image, 3, axis=1)))
+    _dataset_json(dataset, entries)
+    settings = {"inferer#roi_size": 64}
+    summary, rows, _ = _evaluate_folder(tmp_path, dataset, _CentreNetwork(), **settings)
+    assert len(rows) == 2 * 2 * 3
+    # interrupted after the first target: metrics.csv holds its rows only
+    metrics = tmp_path / "eval" / "metrics.csv"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[:4]))
+    network = _CentreNetwork()
+    resumed_summary, resumed, _ = _evaluate_folder(tmp_path, dataset, network, **settings)
+
+    def scores(table):
+        return sorted((r["case"], r["class"], r["click"], r["point"], r["dice"], r["nsd"]) for r in table)
+
+    assert scores(resumed) == scores(rows)
+    assert resumed_summary["overall"] == summary["overall"] and resumed_summary["per_class"] == summary["per_class"]
+
+
+# 4. A label map stored as floats must hold whole numbers
+def test_non_integer_label_values_are_refused_by_file_and_value(tmp_path):
+    dataset = tmp_path / "data"
+    dataset.mkdir()
+    label = np.zeros((20, 22, 18), np.float32)
+    label[4:10, 5:12, 4:9] = 1.0
+    label[11:16, 5:12, 10:15] = 1.5  # class 2, stored carelessly
+    floats = _labelled_case(dataset, "floats", label, label_dtype=np.float32)
+    good = _labelled_case(dataset, "good", np.where(label > 0, 1, 0))
+    summary, rows, failure = _evaluate_folder(tmp_path, _dataset_json(dataset, [floats, good]), ThresholdNetwork())
+    assert "floats_lab.nii.gz: label values must be whole numbers (class values), found 1.5" in failure
+    assert {r["case"] for r in rows} == {"good_img"} and summary["overall"]["targets"] == 1
+
+
+# 5. A voxel size of 0 is refused, naming the file and the axis
+def test_a_zero_voxel_size_is_refused_by_file_and_axis(tmp_path):
+    image = np.full((20, 22, 18), 10.0, np.float32)
+    image[5:15, 6:16, 4:14] = 100.0
+    header = _header(image.shape)
+    header.set_sform(None, code=0)  # the geometry comes from the qform, which scales by pixdim
+    header["pixdim"][2] = 0.0
+    zero = _raw_nifti(tmp_path / "zero.nii.gz", header, image.tobytes(order="F"))
+    click = {"points": [[10, 11, 9]], "point_labels": [1]}
+    message = _run_failing(tmp_path, ThresholdNetwork(), input_dict=dict(click, image=zero))
+    assert "zero.nii.gz: the voxel size along array axis 1 is 0.0 (pixdim[2] in the header" in message
+    assert not (tmp_path / "out" / "zero").exists()
+    # with a usable sform the zero pixdim plays no part: the scan is read as before
+    header.set_sform(np.diag([1.5, 1.5, 1.5, 1.0]), code=1)
+    fine = _raw_nifti(tmp_path / "fine.nii.gz", header, image.tobytes(order="F"))
+    out = run_inference(tmp_path / "b", ThresholdNetwork(), input_dict=dict(click, image=fine))
+    mask, affine, _ = read_output(out, "fine")
+    np.testing.assert_array_equal(mask > 0, image > 50)
+    np.testing.assert_allclose(affine, np.diag([1.5, 1.5, 1.5, 1.0]))
+
+
+def _write_dicom_series(folder, volume, spacing=(1.5, 1.5, 3.0), skip=(), description="", prefix="s"):
+    """A CT series from ``volume`` (z, y, x) with ImagePositionPatient every ``spacing[2]`` mm (slices listed in
+    ``skip`` left out); returns its SeriesInstanceUID."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series, study = generate_uid(), generate_uid()
+    for k, plane in enumerate(volume):
+        if k in skip:
+            continue
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta, ds.is_little_endian, ds.is_implicit_VR = meta, True, False
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesDescription = study, series, description
+        ds.Modality, ds.PatientName, ds.PatientID, ds.SeriesNumber, ds.InstanceNumber = "CT", "Test", "1", 1, k + 1
+        ds.ImagePositionPatient = [0.0, 0.0, k * spacing[2]]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[0]], spacing[2]
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = np.ascontiguousarray(plane, np.int16).tobytes()
+        pydicom.dcmwrite(folder / f"{prefix}{k:03d}.dcm", ds, write_like_original=False)
+    return series
+
+
+def _dicom_volume(depth=12):
+    volume = np.full((depth, 16, 18), 10, np.int16)  # z, y, x
+    volume[3:9, 4:12, 5:14] = 100
+    return volume
+
+
+# 6. A DICOM series with a missing slice is refused (ITK would space the slices evenly)
+def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path):
+    volume = _dicom_volume()
+    _write_dicom_series(tmp_path / "gap", volume, skip=(5,))
+    click = {"points": [[8, 8, 4]], "point_labels": [1]}
+    message = _run_failing(tmp_path, ThresholdNetwork(), input_dict=dict(click, image=str(tmp_path / "gap")))
+    assert "gap: series " in message and "slices are not evenly spaced: 6 mm between slice 4 and 5" in message
+    assert "where the others are 3 mm apart (a missing slice?)" in message and "misplaced by up to 1.5 mm" in message
+    # the complete series is read on its true grid
+    _write_dicom_series(tmp_path / "whole", volume)
+    out = run_inference(tmp_path / "b", ThresholdNetwork(), input_dict=dict(click, image=str(tmp_path / "whole")))
+    mask, affine, _ = read_output(out, "whole")
+    np.testing.assert_allclose(np.abs(np.diag(affine))[:3], [1.5, 1.5, 3.0], atol=1e-6)
+    assert boundary_tolerant_equal(mask > 0, volume.transpose(2, 1, 0) > 50)
+
+
+# 7. A folder of several DICOM series: refused with their UIDs, or the one named by series_uid, said in the report
+def test_a_folder_of_several_dicom_series_needs_a_series_uid(tmp_path):
+    folder = tmp_path / "study"
+    first = _write_dicom_series(folder, _dicom_volume(12), description="first", prefix="a")
+    second = _write_dicom_series(folder, _dicom_volume(10), description="second", prefix="b")
+    click = {"points": [[8, 8, 4]], "point_labels": [1]}
+    message = _run_failing(tmp_path, ThresholdNetwork(), input_dict=dict(click, image=str(folder)))
+    assert "study: the folder holds 2 DICOM series; give the entry's 'series_uid', one of: " in message
+    assert f"{first} (12 files, CT, 'first')" in message and f"{second} (10 files, CT, 'second')" in message
+    out = run_inference(
+        tmp_path / "b", ThresholdNetwork(), input_dict=dict(click, image=str(folder), series_uid=second)
+    )
+    mask, _, report = read_output(out, "study")
+    assert mask.shape == (18, 16, 10)  # the second series, x, y, z
+    assert report["dicom_series_uid"] == second and report["dicom_series_description"] == "second"
+    wrong = _run_failing(
+        tmp_path / "c", ThresholdNetwork(), input_dict=dict(click, image=str(folder), series_uid="1.2")
+    )
+    assert "study: no DICOM series '1.2' in this folder; it holds: " in wrong
+
+
+# 8. A case folder inside output_dir that links elsewhere takes no write out of output_dir
+def test_a_symlinked_case_folder_cannot_carry_writes_outside(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "blob").symlink_to(outside, target_is_directory=True)
+    entry = {"image": _blob_image(tmp_path / "blob.nii.gz"), "points": [[10, 11, 9]], "point_labels": [1]}
+    with pytest.raises(RuntimeError) as err:
+        run_inference(tmp_path, ThresholdNetwork(), input_dict=entry)
+    cause = _root_cause(err.value)
+    assert isinstance(cause, CaseError)
+    assert f"{str(tmp_path / 'out' / 'blob')!r} leads to {str(outside)!r}, outside the output folder" in str(cause)
+    assert list(outside.iterdir()) == []
+    # nor does a metrics file that is a link
+    from custom.files import append_line_durably
+
+    (tmp_path / "out" / "metrics.csv").symlink_to(outside / "metrics.csv")
+    with pytest.raises(OSError, match="metrics.csv' is a link, which is not followed"):
+        append_line_durably(tmp_path / "out" / "metrics.csv", "a,b\n")
+    assert list(outside.iterdir()) == []
+
+
+# 9. A gzip bomb is refused from its header, before a voxel is decompressed
+def test_a_gzip_bomb_is_refused_before_its_voxels_are_read(tmp_path):
+    from custom.predictor import VolumetricPredictor
+
+    zeros = zlib.compressobj(9, zlib.DEFLATED, 31)  # a gzip member of 64 MiB of zeros, 64 KiB on disk
+    member = zeros.compress(bytes(64 << 20)) + zeros.flush()
+    # declares 1024^3 voxels; after one member of zeros the stream is broken: reading voxels would fail loudly
+    bomb = _raw_nifti(
+        tmp_path / "bomb.nii.gz", _header((1024,) * 3, np.uint8, (1.0, 1.0, 1.0)), members=[member, b"not gzip"]
+    )
+    assert os.path.getsize(bomb) < 200_000
+    click = {"points": [[10, 10, 10]], "point_labels": [1]}
+    message = _run_failing(tmp_path, ThresholdNetwork(), input_dict=dict(click, image=bomb))
+    assert "bomb.nii.gz: the header declares 1024 x 1024 x 1024 voxels of uint8 (1,073,741,824 voxels" in message
+    assert "(683, 683, 683) network grid" in message and "above max_grid_voxels=268,435,456" in message
+    with pytest.raises(ValueError, match="the header declares 1024 x 1024 x 1024 voxels"):
+        VolumetricPredictor(ThresholdNetwork()).set_image(bomb)
+
+
+# 10. A header declaring a huge shape says the declared size and the file's size
+@pytest.mark.parametrize("suffix", [".nii", ".mha"])
+def test_a_huge_declared_shape_names_its_size_and_the_files(tmp_path, suffix):
+    path = tmp_path / f"huge{suffix}"
+    if suffix == ".nii":
+        _raw_nifti(path, _header((30000,) * 3))
+    else:
+        path.write_text(
+            "ObjectType = Image\nNDims = 3\nDimSize = 30000 30000 30000\nElementSpacing = 1.5 1.5 1.5\n"
+            "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n"
+        )
+    size = os.path.getsize(path)
+    message = _run_failing(
+        tmp_path, ThresholdNetwork(), input_dict={"image": str(path), "points": [[1, 1, 1]], "point_labels": [1]}
+    )
+    assert f"huge{suffix}: the header declares 30000 x 30000 x 30000 voxels of float" in message
+    assert f"(27,000,000,000,000 voxels, 100,582.8 GiB as float32) in {size:,} bytes of file" in message
+
+
+# 11. Clicks per object are capped, by name
+def test_clicks_per_object_are_capped_by_name(tmp_path):
+    image = _blob_image(tmp_path / "blob.nii.gz")
+    points = [[10, 11, 9]] * 101
+    entry = {"image": image, "points": points, "point_labels": [1] * 101}
+    message = _run_failing(tmp_path, ThresholdNetwork(), input_dict=entry)
+    assert "case 'blob', object label 1: 101 clicks, more than max_clicks_per_object=100" in message
+    out = run_inference(tmp_path / "b", ThresholdNetwork(), input_dict=entry, max_clicks_per_object=101)
+    _, _, report = read_output(out, "blob")
+    assert report["objects"][0]["clicks"] == 101
+
+
+# 12. An evaluation entry listed twice is counted once, with a warning
+def test_a_repeated_evaluation_entry_is_counted_once(tmp_path):
+    dataset = tmp_path / "data"
+    dataset.mkdir()
+    label = np.zeros((20, 22, 18), np.uint8)
+    label[4:12, 5:14, 4:12] = 1
+    entry = _labelled_case(dataset, "case", label)
+    other = _labelled_case(dataset, "other", np.roll(label, 4, axis=0))
+    summary, rows, failure = _evaluate_folder(
+        tmp_path, _dataset_json(dataset, [entry, other, dict(entry)]), ThresholdNetwork()
+    )
+    assert failure is None and summary["overall"]["targets"] == 2
+    assert {r["case"] for r in rows} == {"case_img", "other_img"}
+    assert len(summary["warnings"]) == 1 and "entry 2 of 'validation' repeats entry 0" in summary["warnings"][0]
+
+
+# 13. Resume and save errors name the file and the safe next step
+def test_resume_and_save_errors_name_the_file_and_the_safe_next_step(tmp_path):
+    import argparse
+
+    from ignite.engine import Engine
+
+    from custom.engines import ResumeTrainingState
+    from custom.files import write_atomic
+
+    def resume(path):
+        engine = Engine(lambda engine, batch: None)
+        ResumeTrainingState(load_path=str(path), load_dict={"network": torch.nn.Linear(2, 2)}).attach(engine)
+        with pytest.raises(ValueError) as err:
+            engine.run([0], max_epochs=1)
+        return str(err.value)
+
+    state = tmp_path / "run" / "training_state.pt"
+    state.parent.mkdir()
+    torch.save({"network": torch.nn.Linear(2, 2).state_dict()}, state)
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
+    message = resume(state)
+    assert f"{str(state)!r} ({state.stat().st_size:,} bytes) is damaged (truncated, or not a PyTorch file" in message
+    assert "start a new run in another --output_dir, with --pretrained_ckpt" in message and "model_latest.pt" in message
+    torch.save({"network": torch.nn.Linear(2, 2).state_dict(), "extra": argparse.Namespace(a=1)}, state)
+    message = resume(state)
+    assert f"{str(state)!r} holds pickled Python objects, which are not loaded" in message
+    assert "do not load it with weights_only=False" in message
+    # a full disk: the file it could not write, and that the earlier one is intact
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full to stand for a full disk")
+
+    def onto_a_full_disk(tmp):
+        os.unlink(tmp)
+        os.symlink("/dev/full", tmp)
+        return tmp
+
+    with pytest.raises(RuntimeError, match=r"could not write '.*training_state.pt' \(the earlier file is unchanged"):
+        write_atomic(state, lambda tmp: torch.save({"x": torch.zeros(1000)}, onto_a_full_disk(tmp)))
+    with pytest.raises(OSError, match=r"No space left on device: could not write '.*report.json' \(nothing was"):
+        write_atomic(tmp_path / "run" / "report.json", lambda tmp: open(onto_a_full_disk(tmp), "w").write("x" * 10**5))
+    assert state.is_file() and not (tmp_path / "run" / "report.json").exists()
+
+
+# Also seen: an RGB NIfTI
+def test_an_rgb_nifti_is_refused_as_rgb(tmp_path):
+    rgb = np.zeros((12, 12, 12), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.Nifti1Image(rgb, np.eye(4)).to_filename(tmp_path / "photo.nii.gz")
+    entry = {"image": str(tmp_path / "photo.nii.gz"), "points": [[5, 5, 5]], "point_labels": [1]}
+    message = _run_failing(tmp_path, ThresholdNetwork(), input_dict=entry)
+    assert "photo.nii.gz: RGB images are not supported (NIfTI datatype 128" in message
+    assert "expected a single-channel 3D scan" in message
+
+
+# Also seen: NRRD spaces without anatomical directions are said in the report, unknown ones refused
+def test_nrrd_spaces_are_reported_or_refused(tmp_path):
+    import itk
+
+    volume = np.where(np.random.default_rng(1).random((12, 14, 16)) > 0.6, 100.0, 10.0).astype(np.float32)
+    image = itk.image_from_array(volume)
+    image.SetSpacing([1.5, 1.5, 1.5])
+    itk.imwrite(image, str(tmp_path / "lps.nrrd"))
+    header, data = (tmp_path / "lps.nrrd").read_bytes().split(b"\n\n", 1)
+    assert b"space: left-posterior-superior" in header
+
+    def with_space(name, space):
+        (tmp_path / f"{name}.nrrd").write_bytes(header.replace(b"left-posterior-superior", space) + b"\n\n" + data)
+        return {"image": str(tmp_path / f"{name}.nrrd"), "points": [[3, 4, 5]], "point_labels": [1]}
+
+    reference = run_inference(
+        tmp_path / "a", ThresholdNetwork(), input_dict=with_space("lps", b"left-posterior-superior")
+    )
+    scanner = run_inference(tmp_path / "b", ThresholdNetwork(), input_dict=with_space("scanner", b"scanner-xyz"))
+    lps_mask, lps_affine, lps_report = read_output(reference, "lps")
+    mask, affine, report = read_output(scanner, "scanner")
+    assert "geometry_assumed" not in lps_report
+    assert report["geometry_assumed"].startswith("NRRD space 'scanner-xyz' names no anatomical directions: its axes")
+    np.testing.assert_array_equal(mask, lps_mask)
+    np.testing.assert_allclose(affine, lps_affine)
+    message = _run_failing(tmp_path / "c", ThresholdNetwork(), input_dict=with_space("left", b"3D-left-handed"))
+    assert "left.nrrd: NRRD space '3d-left-handed' is not supported: expected one of right-anterior-superior" in message
+
+
+# Also seen: where a click lies is decided by a stated rule (voxel i spans i - 0.5 .. i + 0.5)
+def test_the_rule_for_points_at_the_border_is_stated(tmp_path):
+    image = _blob_image(tmp_path / "edge.nii.gz")
+    out = run_inference(
+        tmp_path, ThresholdNetwork(), input_dict={"image": image, "points": [[-0.4, 11, 9]], "point_labels": [1]}
+    )
+    _, _, report = read_output(out, "edge")
+    assert report["objects"][0]["points"] == [[-0.4, 11, 9]]
+    message = _run_failing(
+        tmp_path / "b", ThresholdNetwork(), input_dict={"image": image, "points": [[-0.6, 11, 9]], "point_labels": [1]}
+    )
+    assert (
+        "point [-0.6, 11.0, 9.0] (voxels) is outside the image (voxel [-0.6, 11.0, 9.0], image shape [20, 22, 18])"
+        in message
+    )
+    assert "each voxel index must lie in -0.5 .. n - 0.5, voxel i spanning i - 0.5 to i + 0.5" in message
