@@ -82,6 +82,22 @@ def _train(run_dir: Path, cpu_minutes: float, train_datalists: list[str], overri
     }, network
 
 
+def _trained(run_dir: Path, overrides: dict) -> tuple[dict, torch.nn.Module]:
+    """The network of an earlier run of this harness, with its last weights and iteration count."""
+    from monai.bundle import ConfigParser
+
+    from custom.networks import load_checkpoint
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle/configs/train.json"))
+    parser.update(overrides)
+    network_name = parser.get_parsed_content("network_name")
+    network = parser.get_parsed_content("network_def")
+    load_checkpoint(network, run_dir / "model_latest.pt")
+    state = torch.load(run_dir / "training_state.pt", map_location="cpu", weights_only=True)
+    return {"iterations": int(state["trainer"]["iteration"]), "network_name": network_name}, network
+
+
 def _subset(run_dir: Path, name: str, datalist: str, max_cases: int) -> Path:
     from custom.data import read_labelled_datalist
 
@@ -162,12 +178,16 @@ def main(
     threads: int = 1,
     hippocampus_cases: int = 20,
     openkbp_cases: int = 10,
+    evaluate_only: bool = False,
 ) -> None:
     torch.set_num_threads(int(threads))
     overrides = override if isinstance(override, dict) else json.loads(override)  # fire may parse the JSON
     run_dir = Path(output_dir) / name
     result: dict = {"name": name, "override": overrides, "cpu_minutes": cpu_minutes, "threads": threads}
-    trained, network = _train(run_dir, cpu_minutes, list(train_datalists), overrides)
+    if evaluate_only:  # a finished training run's last weights (its log has the budget)
+        trained, network = _trained(run_dir, overrides)
+    else:
+        trained, network = _train(run_dir, cpu_minutes, list(train_datalists), overrides)
     result.update(trained)
     memory = overrides.get("click_memory", "all")
     network_overrides = {k: v for k, v in overrides.items() if k.startswith("network_def#")}
