@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import argparse
 import subprocess
 import sys
@@ -145,7 +147,8 @@ def test_convert_script_writes_weights_only_file(tiny, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     loaded = torch.load(dst, weights_only=True)
-    assert set(loaded) == {"model", "rel_pos_bias"} and loaded["rel_pos_bias"] == "upstream"
+    assert set(loaded) == {"model", "rel_pos_bias", "dense_pe_axis_swap"} and loaded["rel_pos_bias"] == "upstream"
+    assert loaded["dense_pe_axis_swap"] is True  # an upstream file: the released weights' swap
     assert [p.name for p in dst.parent.iterdir()] == ["model.pt"]  # no temporary file left behind
     fresh = build_sam_med3d("sam_med3d_tiny")
     load_checkpoint(fresh, dst)
@@ -217,3 +220,62 @@ def test_convert_declares_an_old_lite_file(tmp_path):
     fresh = build_sam_med3d("sam_med3d_lite")
     assert load_checkpoint(fresh, declared).ok
     _assert_same_weights(fresh, lite)
+
+
+def test_files_record_the_axis_swap_and_a_mismatch_is_refused(tmp_path):
+    swapped = randomize_(build_sam_med3d("sam_med3d_lite", encoder_depth=1), seed=7)
+    written = tmp_path / "swapped.pt"
+    torch.save(checkpoint_payload(swapped), written)
+    assert torch.load(written, weights_only=True)["dense_pe_axis_swap"] is True
+    unswapped = build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False)
+    with pytest.raises(ValueError, match=r"dense_pe_axis_swap=True, but the network uses dense_pe_axis_swap=False"):
+        load_checkpoint(unswapped, written)
+    assert load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1), written).ok
+
+
+def _bundle_with_bare_model(root, network, **conventions):
+    (root / "models").mkdir(parents=True)
+    (root / "configs").mkdir()
+    torch.save(network.state_dict(), root / "models" / "model.pt")
+    (root / "configs" / "metadata.json").write_text(json.dumps({"network_name": "x", **conventions}))
+    return root / "models" / "model.pt"
+
+
+def test_a_bare_bundle_model_is_checked_against_the_conventions_in_its_metadata(tmp_path):
+    trained = randomize_(build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False), seed=8)
+    right = _bundle_with_bare_model(tmp_path / "a", trained, rel_pos_bias="decomposed", dense_pe_axis_swap=False)
+    fresh = build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False)
+    assert load_checkpoint(fresh, right).ok
+    _assert_same_weights(fresh, trained)
+    # metadata.json that says the weights were trained with the swap: refused, naming the metadata file
+    wrong = _bundle_with_bare_model(tmp_path / "b", trained, rel_pos_bias="decomposed", dense_pe_axis_swap=True)
+    with pytest.raises(ValueError, match=r"b/configs/metadata\.json' records dense_pe_axis_swap=True"):
+        load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False), wrong)
+    with pytest.raises(ValueError, match=r"rel_pos_bias='upstream' \(in '.*b/configs/metadata\.json'\)"):
+        (tmp_path / "b" / "configs" / "metadata.json").write_text(json.dumps({"rel_pos_bias": "upstream"}))
+        load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1), wrong)
+    # the same bare file outside a bundle records nothing: an upstream file, refused by this variant
+    outside = tmp_path / "outside.pt"
+    torch.save(trained.state_dict(), outside)
+    with pytest.raises(ValueError, match="records no rel_pos_bias"):
+        load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False), outside)
+
+
+def test_convert_writes_a_bare_model_and_prints_its_conventions(tmp_path):
+    trained = randomize_(build_sam_med3d("sam_med3d_lite_fullres_clickmaps"), seed=9)
+    src = tmp_path / "trained.pt"
+    torch.save(checkpoint_payload(trained), src)
+    dst = tmp_path / "bundle" / "models" / "model.pt"
+    dst.parent.mkdir(parents=True)
+    cmd = [sys.executable, str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"), "--src", str(src), "--dst", str(dst)]
+    cmd += ["--network_name", "sam_med3d_lite_fullres_clickmaps", "--dtype", "float16", "--bare", "True"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "'rel_pos_bias': 'decomposed', 'dense_pe_axis_swap': False" in result.stdout
+    stored = torch.load(dst, weights_only=True)
+    assert set(stored) == set(trained.state_dict())  # bare: the model zoo's format
+    (tmp_path / "bundle" / "configs").mkdir()
+    (tmp_path / "bundle" / "configs" / "metadata.json").write_text(
+        json.dumps({"rel_pos_bias": "decomposed", "dense_pe_axis_swap": False})
+    )
+    assert load_checkpoint(build_sam_med3d("sam_med3d_lite_fullres_clickmaps"), dst).ok

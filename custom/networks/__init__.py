@@ -10,6 +10,8 @@ from .autoseg import (
 from .checkpoint import (
     CheckpointFile,
     LoadReport,
+    bundle_conventions,
+    check_conventions,
     check_rel_pos_bias,
     checkpoint_payload,
     compare_state_dicts,
@@ -50,6 +52,8 @@ __all__ = [
     "available_networks",
     "build_medsam3d",
     "build_sam_med3d",
+    "bundle_conventions",
+    "check_conventions",
     "check_rel_pos_bias",
     "checkpoint_payload",
     "compare_state_dicts",

@@ -21,7 +21,7 @@ import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
-from .checkpoint import LoadReport, check_rel_pos_bias, compare_state_dicts, open_checkpoint
+from .checkpoint import LoadReport, check_conventions, compare_state_dicts, open_checkpoint
 from .image_encoder import ImageEncoderViT3D
 from .registry import build_sam_med3d
 
@@ -196,7 +196,7 @@ def load_encoder_weights(network: SamEncoderUNETR, path: str | os.PathLike, allo
             f"checkpoint {str(path)!r} does not fit the {type(network.image_encoder).__name__} of this network: "
             f"{partial.describe()}. Is --network_name the variant this file was trained with?"
         )
-    check_rel_pos_bias(network, checkpoint)
+    check_conventions(network, checkpoint)
     network.image_encoder.load_state_dict({k[len(ENCODER_PREFIX) :]: file_state[k] for k in report.loaded})
     return report
 
@@ -243,7 +243,7 @@ def with_autoseg_checkpoint(
             f"checkpoint {str(path)!r} is not an autoseg checkpoint of this network: {report.describe()}. "
             "Are --network_name and --feature_size those it was trained with?"
         )
-    check_rel_pos_bias(network, checkpoint)
+    check_conventions(network, checkpoint)
     network.load_state_dict(file_state)
     logger.info(f"loaded {path}: {report.describe()}")
     return network

@@ -10,14 +10,19 @@ A ``module.`` prefix (DataParallel / DDP) is stripped. Files are read with ``tor
 the older upstream releases hold pickled Python objects and need ``allow_pickle=True``, which executes
 code from the file: only for files from a trusted source.
 
-Files this bundle writes (:func:`checkpoint_payload`) also record the encoder's relative-position bias
-(``"rel_pos_bias"``: ``"upstream"`` or ``"decomposed"``). A file without that record comes from the upstream
-code and therefore holds ``"upstream"`` weights. Loading a file into a network with the other bias is refused:
-the weights would load, and silently compute another attention than the one they were trained with.
+Two conventions change what loaded weights compute without changing a single shape: the encoder's
+relative-position bias (``"rel_pos_bias"``: ``"upstream"`` or ``"decomposed"``) and the dense positional
+encoding's swap of axes 0 and 1 (``"dense_pe_axis_swap"``). Files this bundle's training writes
+(:func:`checkpoint_payload`) record both beside ``"model"``. A bundle's shipped ``models/model.pt`` is a bare
+state dict, as the model zoo and ``monai.bundle.load`` expect; its conventions are recorded in the bundle's
+``configs/metadata.json`` (:func:`bundle_conventions`). A file that records neither, anywhere, comes from the
+upstream code: ``"upstream"`` bias, axes swapped. Loading a file into a network with other conventions is
+refused: the weights would load, and silently compute something else than what they were trained for.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -40,8 +45,10 @@ OFFICIAL_WEIGHTS_HINT = (
 )
 _WRAPPER_KEYS = ("model_state_dict", "model")
 REL_POS_BIAS_KEY = "rel_pos_bias"
-#: what a file that does not record its bias holds: the upstream code's
+DENSE_PE_AXIS_SWAP_KEY = "dense_pe_axis_swap"
+#: what a file that does not record its conventions holds: the upstream code's
 UNDECLARED_REL_POS_BIAS = "upstream"
+UNDECLARED_DENSE_PE_AXIS_SWAP = True
 
 
 @dataclass
@@ -73,16 +80,46 @@ class LoadReport:
 
 @dataclass
 class CheckpointFile:
-    """A checkpoint file's state dict and the relative-position bias it records (None: it records none)."""
+    """A checkpoint file's state dict and the conventions recorded for it (None: none recorded), in the file or
+    in its bundle's ``metadata.json`` (``conventions_source`` says which)."""
 
     state: dict[str, torch.Tensor]
     rel_pos_bias: str | None
     source: str
+    dense_pe_axis_swap: bool | None = None
+    conventions_source: str | None = None
 
     @property
     def effective_rel_pos_bias(self) -> str:
         """The bias the weights were trained with: as recorded, else the upstream code's."""
         return self.rel_pos_bias or UNDECLARED_REL_POS_BIAS
+
+    @property
+    def effective_dense_pe_axis_swap(self) -> bool:
+        """Whether the weights were trained with the axis swap: as recorded, else the upstream code's (yes)."""
+        return UNDECLARED_DENSE_PE_AXIS_SWAP if self.dense_pe_axis_swap is None else self.dense_pe_axis_swap
+
+
+def bundle_conventions(path: str | os.PathLike) -> tuple[dict[str, Any], str] | None:
+    """The conventions a bundle records for its model file: ``path`` is ``<bundle>/models/<file>`` and
+    ``<bundle>/configs/metadata.json`` names them (``rel_pos_bias``, ``dense_pe_axis_swap``); else None.
+
+    Returns:
+        (the recorded conventions, the metadata file's path).
+
+    Raises:
+        ValueError: the metadata file exists but is not valid JSON.
+    """
+    path = Path(path)
+    metadata = path.parent.parent / "configs" / "metadata.json"
+    if path.parent.name != "models" or not metadata.is_file():
+        return None
+    try:
+        recorded = json.loads(metadata.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"bundle metadata {str(metadata)!r} (conventions of {str(path)!r}) is not valid JSON: {err}")
+    found = {k: recorded[k] for k in (REL_POS_BIAS_KEY, DENSE_PE_AXIS_SWAP_KEY) if k in recorded}
+    return (found, str(metadata)) if found else None
 
 
 def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> CheckpointFile:
@@ -115,10 +152,17 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
         raise ValueError(
             f"checkpoint {str(path)!r} ({path.stat().st_size:,} bytes) could not be read as a PyTorch file: {detail}"
         ) from err
-    declared = obj.get(REL_POS_BIAS_KEY) if isinstance(obj, Mapping) else None
-    if declared is not None and declared not in REL_POS_BIASES:
-        raise ValueError(f"checkpoint {str(path)!r} records an unknown {REL_POS_BIAS_KEY} {declared!r}")
-    return CheckpointFile(extract_state_dict(obj, source=str(path)), declared, str(path))
+    recorded, where = {}, str(path)
+    if isinstance(obj, Mapping):
+        recorded = {k: obj[k] for k in (REL_POS_BIAS_KEY, DENSE_PE_AXIS_SWAP_KEY) if k in obj}
+    if not recorded and (from_bundle := bundle_conventions(path)) is not None:
+        recorded, where = from_bundle
+    bias, swap = recorded.get(REL_POS_BIAS_KEY), recorded.get(DENSE_PE_AXIS_SWAP_KEY)
+    if bias is not None and bias not in REL_POS_BIASES:
+        raise ValueError(f"{where!r} records an unknown {REL_POS_BIAS_KEY} {bias!r}; expected one of {REL_POS_BIASES}")
+    if swap is not None and not isinstance(swap, bool):
+        raise ValueError(f"{where!r} records {DENSE_PE_AXIS_SWAP_KEY}={swap!r}; expected true or false")
+    return CheckpointFile(extract_state_dict(obj, source=str(path)), bias, str(path), swap, where)
 
 
 def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -129,6 +173,37 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict
 def network_rel_pos_bias(network: nn.Module) -> str | None:
     """The relative-position bias of ``network``'s image encoder (None: it has no such encoder)."""
     return getattr(getattr(network, "image_encoder", None), "rel_pos_bias", None)
+
+
+def network_dense_pe_axis_swap(network: nn.Module) -> bool | None:
+    """Whether ``network``'s prompt encoder swaps axes 0 and 1 in its dense encoding (None: it has no such
+    encoder)."""
+    pe_layer = getattr(getattr(network, "prompt_encoder", None), "pe_layer", None)
+    return None if pe_layer is None else bool(pe_layer.swap_dense_axes)
+
+
+def check_conventions(network: nn.Module, checkpoint: CheckpointFile) -> None:
+    """Refuse a file whose weights were trained with other conventions than ``network``'s (module docstring).
+
+    Raises:
+        ValueError: naming the file, where its conventions are recorded, both values and how to proceed.
+    """
+    check_rel_pos_bias(network, checkpoint)
+    expected = network_dense_pe_axis_swap(network)
+    if expected is None or checkpoint.effective_dense_pe_axis_swap == expected:
+        return
+    recorded = (
+        f"{checkpoint.conventions_source!r} records {DENSE_PE_AXIS_SWAP_KEY}={checkpoint.dense_pe_axis_swap}"
+        if checkpoint.dense_pe_axis_swap is not None
+        else f"checkpoint {checkpoint.source!r} records no {DENSE_PE_AXIS_SWAP_KEY}, so it is taken as an upstream "
+        f"file ({UNDECLARED_DENSE_PE_AXIS_SWAP})"
+    )
+    raise ValueError(
+        f"{recorded}, but the network uses {DENSE_PE_AXIS_SWAP_KEY}={expected}: the weights would read their "
+        "dense positional encoding with axes 0 and 1 exchanged. Build the variant the file was trained as, or "
+        "record the file's convention with `python bundle/scripts/convert_checkpoint.py --src FILE --dst NEW_FILE "
+        f"--{DENSE_PE_AXIS_SWAP_KEY} BOOL`."
+    )
 
 
 def check_rel_pos_bias(network: nn.Module, checkpoint: CheckpointFile) -> None:
@@ -142,6 +217,7 @@ def check_rel_pos_bias(network: nn.Module, checkpoint: CheckpointFile) -> None:
         return
     recorded = (
         f"records rel_pos_bias={checkpoint.rel_pos_bias!r}"
+        + (f" (in {checkpoint.conventions_source!r})" if checkpoint.conventions_source != checkpoint.source else "")
         if checkpoint.rel_pos_bias
         else f"records no rel_pos_bias, so it is taken as an upstream file ({UNDECLARED_REL_POS_BIAS!r})"
     )
@@ -155,11 +231,14 @@ def check_rel_pos_bias(network: nn.Module, checkpoint: CheckpointFile) -> None:
 
 
 def checkpoint_payload(network: nn.Module) -> dict[str, Any]:
-    """What this bundle writes for a network: ``{"model": state_dict, "rel_pos_bias": ...}``."""
+    """What this bundle's training writes for a network: ``{"model": state_dict, "rel_pos_bias": ...,
+    "dense_pe_axis_swap": ...}`` (the conventions the network has)."""
     payload: dict[str, Any] = {"model": network.state_dict()}
-    bias = network_rel_pos_bias(network)
+    bias, swap = network_rel_pos_bias(network), network_dense_pe_axis_swap(network)
     if bias is not None:
         payload[REL_POS_BIAS_KEY] = bias
+    if swap is not None:
+        payload[DENSE_PE_AXIS_SWAP_KEY] = swap
     return payload
 
 
@@ -210,7 +289,7 @@ def load_checkpoint(
 
     Raises:
         ValueError: with ``strict``, when keys are missing, unexpected or of another shape (all named); and
-            always when the file's relative-position bias is not the model's (:func:`check_rel_pos_bias`).
+            always when the file's conventions are not the model's (:func:`check_conventions`).
     """
     checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
     file_state = checkpoint.state
@@ -232,7 +311,7 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} does not match {type(model).__name__}: {report.describe()}. "
             "Is --network_name the variant this file was trained with?" + box_hint
         )
-    check_rel_pos_bias(model, checkpoint)
+    check_conventions(model, checkpoint)
     model.load_state_dict({k: file_state[k] for k in report.loaded}, strict=False)
     return report
 
