@@ -4,6 +4,7 @@ property checks, MLflow tracking, MONAI Label's real server, and ONNX for CPU de
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import socket
@@ -158,6 +159,25 @@ def test_onnx_programs_match_eager(tmp_path):
             }
             logits = prompt.run(None, inputs)[0]
             assert np.abs(logits - expected.numpy()).max() <= 1e-4 * np.abs(expected.numpy()).max(), n
+
+
+def test_large_files_lists_the_shipped_model_with_its_hash(package):
+    """``large_files.yml`` is packaged, and its ``hash_val`` for ``models/model.pt`` is the hash of the model in
+    the repository and in the package (after replacing model.pt: ``python bundle/scripts/package.py
+    --update_hashes``), as ``monai.bundle download_large_files`` checks it."""
+    import yaml
+    from monai.apps.utils import check_hash
+
+    assert (package / "large_files.yml").read_text() == (BUNDLE / "large_files.yml").read_text()
+    listed = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
+    entries = {entry["path"]: entry for entry in listed}
+    model = entries["models/model.pt"]
+    assert model["hash_type"] == "sha256"
+    for root in (BUNDLE, package):
+        digest = hashlib.sha256((root / "models/model.pt").read_bytes()).hexdigest()
+        assert digest == model["hash_val"], f"{root}: refresh with python bundle/scripts/package.py --update_hashes"
+        assert check_hash(root / "models/model.pt", model["hash_val"], model["hash_type"])
+    assert entries["models/sam_med3d_turbo.pth"]["url"].startswith("https://huggingface.co/blueyo0/SAM-Med3D/")
 
 
 def _free_port() -> int:
