@@ -10,6 +10,9 @@ e.g. ``"CT"``, chooses the intensity clamping as in training), or for several::
 
     {"image": "ct.nii.gz", "objects": [{"label": 1, "points": ..., "point_labels": ...}, ...]}
 
+MONAI Label's client form, ``{"image": ..., "foreground": [[i, j, k], ...], "background": [...]}``, is one
+object (label 1): the foreground clicks positive, the background clicks negative.
+
 Voxel points are indices of the image as stored on disk, in array order. A DICOM folder holding several series
 needs ``"series_uid"`` (its SeriesInstanceUID). After :func:`parse_case` every case has the form
 ``{"image": str, "case": str, "objects": [{"label", "points", "point_labels", "space"}]}`` (and ``series_uid``,
@@ -199,6 +202,37 @@ def entry_image(entry: Any, base_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.path.abspath(image))
 
 
+CLIENT_KEYS = ("foreground", "background")
+
+
+def _from_client_form(case: str, entry: Mapping[str, Any]) -> Mapping[str, Any]:
+    """MONAI Label's client form, ``{"foreground": [[i, j, k], ...], "background": [[i, j, k], ...]}`` (voxel
+    indices, as its deepgrow and SAM clients send them), -> one object (label 1, or the entry's ``label``) with
+    ``points`` / ``point_labels``: the foreground clicks positive, then the background clicks negative."""
+    given = [k for k in CLIENT_KEYS if k in entry]
+    if not given:
+        return entry
+    clashing = [k for k in ("objects", "points", "points_world", "point_labels") if k in entry]
+    if clashing:
+        raise CaseError(f"case {case!r}: give either 'foreground' / 'background' or {clashing[0]!r}, not both")
+    clicks: dict[str, list] = {}
+    for key in CLIENT_KEYS:
+        value = entry.get(key)
+        value = [] if value is None else value
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise CaseError(f"case {case!r}: {key!r} must be a list of [i, j, k] voxel indices, got {value!r}")
+        clicks[key] = list(value)
+    converted = {k: v for k, v in entry.items() if k not in CLIENT_KEYS}
+    if not clicks["foreground"] and not clicks["background"] and not any(k in entry for k in BOX_KEYS):
+        raise CaseError(
+            f"case {case!r}: 'foreground' and 'background' hold no click (a foreground click places the crop)"
+        )
+    if clicks["foreground"] or clicks["background"]:
+        converted["points"] = clicks["foreground"] + clicks["background"]
+        converted["point_labels"] = [1] * len(clicks["foreground"]) + [0] * len(clicks["background"])
+    return converted
+
+
 def parse_case(
     entry: Mapping[str, Any], base_dir: str | os.PathLike | None = None, case: str | None = None
 ) -> dict[str, Any]:
@@ -218,6 +252,7 @@ def parse_case(
         raise CaseError(f"case {case!r}: image {str(image)!r} does not exist")
     # continuing from an earlier result, negative clicks alone are a valid refinement
     need_positive = not entry.get("prev_mask")
+    entry = _from_client_form(case, entry)
     if "objects" in entry:
         if any(k in entry for k in ("points", "points_world")):
             raise CaseError(f"case {case!r}: give either 'objects' or top-level points, not both")

@@ -249,6 +249,10 @@ def test_click_memory_and_mask_prompt_order():
         ({"points": [[1, 2, 3]], "point_labels": [2]}, "must be 0 or 1"),
         ({"points": [[1, 2, 3]], "point_labels": [0]}, "no positive click"),
         ({"points": [[1, 2, 3]], "points_world": [[1, 2, 3]], "point_labels": [1]}, "exactly one of"),
+        ({"foreground": [], "background": []}, "hold no click"),
+        ({"foreground": [], "background": [[1, 2, 3]]}, "no positive click"),
+        ({"foreground": "1 2 3"}, "'foreground' must be a list"),
+        ({"foreground": [[1, 2, 3]], "points": [[1, 2, 3]], "point_labels": [1]}, "not both"),
         (
             {
                 "objects": [
@@ -358,6 +362,38 @@ def test_bundle_run_on_the_shipped_sample(tmp_path):
     np.testing.assert_allclose(affine, source.affine, atol=1e-5)
     assert [o["label"] for o in report["objects"]] == [1, 2, 3, 4, 7]
     assert set(np.unique(mask)) <= {0, 1, 2, 3, 4, 7}
+
+
+def test_monai_label_client_form_on_the_command_line(tmp_path):
+    """``--input_dict`` in the form MONAI Label clients send (``foreground`` / ``background`` voxel lists) gives
+    the mask of the equivalent ``points`` / ``point_labels`` case: one object, label 1."""
+    ckpt = _tiny_checkpoint(tmp_path)
+    image = str(REPO_ROOT / "bundle/sample/images/openkbp_pt_243.nii.gz")
+    positive, negative = [69, 64, 33], [69, 64, 45]
+    forms = {
+        "client": {"image": image, "foreground": [positive], "background": [negative]},
+        "points": {"image": image, "points": [positive, negative], "point_labels": [1, 0]},
+    }
+    outputs = {}
+    for name, entry in forms.items():
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json")]
+        cmd += ["--bundle_root", str(REPO_ROOT / "bundle"), "--network_name", "sam_med3d_tiny"]
+        cmd += ["--ckpt_path", str(ckpt), "--max_windows_per_object", "1"]  # random weights: no growth
+        cmd += ["--output_dir", str(out), "--input_dict", repr(entry)]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = read_output(out, "openkbp_pt_243")
+    (client, client_affine, client_report), (points, points_affine, points_report) = outputs.values()
+    assert client.shape == nib.load(image).shape
+    np.testing.assert_array_equal(client, points)
+    np.testing.assert_array_equal(client_affine, points_affine)
+    assert [o["label"] for o in client_report["objects"]] == [1]
+    for report in (client_report, points_report):
+        for obj in report["objects"]:
+            obj.pop("seconds")
+    assert client_report["objects"] == points_report["objects"]
+    assert client_report["objects"][0]["point_labels"] == [1, 0]
 
 
 class MaskEchoNetwork(ThresholdNetwork):
