@@ -602,6 +602,75 @@ def load_training_datalist(
     return checked
 
 
+def _has_list(path: Path, key: str) -> bool:
+    """Whether the datalist file ``path`` is a dict holding ``key`` (a plain list never does)."""
+    with open(path) as handle:
+        content = json.load(handle)
+    return isinstance(content, Mapping) and key in content
+
+
+def hold_out(
+    entries: Sequence[Mapping[str, Any]], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split ``entries`` into (training, validation): ``round(val_fraction * n)`` cases (at least 1, at most
+    ``n - 1``) drawn with ``seed``, both lists in the datalist's order. With one case, or ``val_fraction`` 0,
+    nothing is held out: validation runs on the training cases (the caller says so)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    n = len(entries)
+    if n < 2 or val_fraction == 0:
+        return [dict(e) for e in entries], [dict(e) for e in entries]
+    count = min(max(1, round(val_fraction * n)), n - 1)
+    held = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
+    kept = [dict(e) for i, e in enumerate(entries) if i not in held]
+    return kept, [dict(e) for i, e in enumerate(entries) if i in held]
+
+
+def split_training_datalist(
+    datalist: str | os.PathLike | Sequence[Any],
+    data_list_key: str = "training",
+    val_data_list_key: str = "validation",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Training and validation entries, checked (:func:`load_training_datalist`).
+
+    A datalist file with a ``val_data_list_key`` list gives both lists as they are. One without (a plain
+    ``[{"image", "label"}]`` list, as MONAI Label passes data, or an MSD ``dataset.json`` with a training list
+    only) gives a held-out share of its training entries for validation (:func:`hold_out`, seeded), and says so
+    in the log; with a single case it warns that validation runs on the training case. Several files are split
+    each on its own.
+    """
+    if isinstance(datalist, Sequence) and not isinstance(datalist, str) and datalist:
+        sources = [datalist] if all(isinstance(e, Mapping) for e in datalist) else [Path(p) for p in datalist]
+    else:
+        sources = [Path(datalist)]
+    train: list[dict[str, Any]] = []
+    val: list[dict[str, Any]] = []
+    for source in sources:
+        if isinstance(source, Path) and source.is_file() and _has_list(source, val_data_list_key):
+            train += load_training_datalist(source, data_list_key)
+            val += load_training_datalist(source, val_data_list_key)
+            continue
+        entries = load_training_datalist(source, data_list_key)
+        name = str(source) if isinstance(source, Path) else "the given entries"
+        kept, held = hold_out(entries, val_fraction, seed)
+        if len(held) == len(entries):
+            logger.warning(
+                f"datalist {name!r} has no {val_data_list_key!r} list and {len(entries)} case(s) "
+                f"(val_fraction {val_fraction}): validation runs on the training cases, its scores are not held out"
+            )
+        else:
+            logger.warning(
+                f"datalist {name!r} has no {val_data_list_key!r} list: holding out {len(held)} of {len(entries)} "
+                f"cases for validation (val_fraction {val_fraction}, seed {seed}): "
+                + ", ".join(case_name(e["image"]) for e in held)
+            )
+        train += kept
+        val += held
+    return train, val
+
+
 def expand_targets(entries: Sequence[Mapping[str, Any]], max_targets: int | None = None) -> list[dict[str, Any]]:
     """One entry per (case, class present): the validation targets; at most ``max_targets``, evenly spaced."""
     targets = [dict(entry, target_class=c) for entry in entries for c in entry["classes"]]

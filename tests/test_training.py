@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -320,3 +321,46 @@ def test_an_empty_label_is_named(tmp_path):
     item = LoadImaged("label", image_only=True, ensure_channel_first=True)({"label": str(tmp_path / "empty.nii.gz")})
     with pytest.raises(CaseError, match="empty.nii.gz: the label has no class"):
         LabelClassesd("label")(item)
+
+
+def _split_by_train_json(datalist, **overrides):
+    """train.json's training and validation entries for ``datalist``, as the bundle builds them."""
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"), workflow_type="train", datalist=datalist, **overrides
+    )
+    workflow.initialize()
+    return [Path(e["image"]).name for e in workflow.parser.get_parsed_content("train_entries")], [
+        Path(e["image"]).name for e in workflow.parser.get_parsed_content("val_entries")
+    ]
+
+
+def test_a_datalist_without_validation_holds_out_a_seeded_share(tmp_path, capsys):
+    content = json.loads((MINI / "dataset.json").read_text())
+    every = [
+        {key: str((MINI / entry[key]).resolve()) for key in ("image", "label")}
+        for entry in content["training"] + content["validation"]
+    ]
+    names = [Path(entry["image"]).name for entry in every]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(every))  # as MONAI Label passes data: a list of {image, label}
+    msd = tmp_path / "dataset.json"
+    msd.write_text(json.dumps({"modality": {"0": "MRI"}, "training": every}))  # an MSD file without 'validation'
+    for datalist in (plain, msd):
+        capsys.readouterr()
+        train_names, val_names = _split_by_train_json(str(datalist))
+        log = capsys.readouterr().out  # the bundle's logging.conf logs to stdout
+        assert len(val_names) == 1 and len(train_names) == 5  # round(0.2 * 6)
+        assert sorted(train_names + val_names) == sorted(names)
+        assert f"holding out 1 of 6 cases for validation (val_fraction 0.2, seed 0): {val_names[0][:-7]}" in log
+        assert _split_by_train_json(str(datalist)) == (train_names, val_names)  # seeded: the same again
+    held = {tuple(_split_by_train_json(str(plain), seed=seed, val_fraction=0.5)[1]) for seed in range(4)}
+    assert all(len(val) == 3 for val in held) and len(held) > 1  # the seed draws them
+    # a datalist with a validation list is used as it is, without a word
+    capsys.readouterr()
+    train_names, val_names = _split_by_train_json(str(MINI / "dataset.json"))
+    assert val_names == ["hippocampus_322.nii.gz", "hippocampus_325.nii.gz"] and len(train_names) == 4
+    assert "holding out" not in capsys.readouterr().out
+    # a single case cannot be split: validated on itself, with a warning
+    plain.write_text(json.dumps(every[:1]))
+    assert _split_by_train_json(str(plain)) == (names[:1], names[:1])
+    assert "validation runs on the training cases" in capsys.readouterr().out
