@@ -12,6 +12,7 @@ The whole simulated interaction is one ``forward`` of :class:`InteractiveSegment
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -36,6 +37,8 @@ from .networks.common import as_flag
 from .networks.sam_med3d import upsample_logits
 from .precision import autocast, check_autocast_dtype
 from .prompts import check_click_memory, simulated_click
+
+logger = logging.getLogger(__name__)
 
 
 def simulate_clicks(
@@ -483,6 +486,10 @@ class SaveLatestCheckpoint:
         state_objects: name -> object with ``state_dict()`` for the resumable state; the trainer it is
             attached to is added as ``trainer``.
         every_n_iterations: also save every this many iterations (0: at epoch ends only).
+
+    When the run ends without a ``model.pt`` (no validation ran: fewer epochs than ``val_interval``), the final
+    weights become ``model.pt``, with ``model.json`` saying that no metric chose them; a later validation of a
+    resumed run replaces them (:class:`SaveBestModel`).
     """
 
     def __init__(self, output_dir: str, network: nn.Module, state_objects: dict, every_n_iterations: int = 0) -> None:
@@ -496,6 +503,25 @@ class SaveLatestCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
         if self.every_n_iterations > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self)
+        engine.add_event_handler(Events.COMPLETED, self.final_weights)
+
+    def final_weights(self, engine) -> None:
+        """``model.pt`` from the final weights, where no validation wrote one."""
+        if (self.output_dir / "model.pt").exists():
+            return
+        save_atomic(checkpoint_payload(self.network), self.output_dir / "model.pt")
+        summary = {
+            "epoch": engine.state.epoch,
+            "key_metric": None,
+            "best_metric": None,
+            "metrics": {},
+            "note": "the final weights: no validation ran (fewer epochs than val_interval)",
+        }
+        write_text_atomic(self.output_dir / "model.json", json.dumps(summary, indent=2))
+        logger.warning(
+            f"no validation ran in {engine.state.epoch} epoch(s) (val_interval is larger): "
+            f"{self.output_dir / 'model.pt'} holds the final weights"
+        )
 
     def __call__(self, engine) -> None:
         save_atomic(checkpoint_payload(self.network), self.output_dir / "model_latest.pt")
@@ -566,7 +592,8 @@ class SaveBestModel:
         if engine.state.best_metric_epoch != engine.state.epoch:
             return
         previous = self.output_dir / "model.json"
-        if previous.is_file() and json.loads(previous.read_text())["best_metric"] >= engine.state.best_metric:
+        best = json.loads(previous.read_text()).get("best_metric") if previous.is_file() else None
+        if best is not None and best >= engine.state.best_metric:
             return  # a resumed run's evaluator forgets earlier bests: the file remembers them
         save_atomic(checkpoint_payload(self.network), self.output_dir / "model.pt")
         summary = {

@@ -364,3 +364,16 @@ def test_a_datalist_without_validation_holds_out_a_seeded_share(tmp_path, capsys
     plain.write_text(json.dumps(every[:1]))
     assert _split_by_train_json(str(plain)) == (names[:1], names[:1])
     assert "validation runs on the training cases" in capsys.readouterr().out
+
+
+def test_a_run_shorter_than_val_interval_ends_with_a_model(tmp_path, capsys):
+    train(tmp_path, epochs=1, val_interval=5)  # no validation runs
+    final = torch.load(tmp_path / "model.pt", weights_only=True)
+    latest = torch.load(tmp_path / "model_latest.pt", weights_only=True)
+    assert final.keys() == latest.keys()
+    assert all(torch.equal(final["model"][k], latest["model"][k]) for k in latest["model"])
+    model = build_sam_med3d("sam_med3d_tiny", image_size=64)
+    assert load_checkpoint(model, tmp_path / "model.pt").ok
+    summary = json.loads((tmp_path / "model.json").read_text())
+    assert summary["key_metric"] is None and summary["best_metric"] is None and "no validation ran" in summary["note"]
+    assert f"{tmp_path / 'model.pt'} holds the final weights" in capsys.readouterr().out
