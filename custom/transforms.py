@@ -960,7 +960,9 @@ class SaveSegmentationd(MapTransform):
             notes = getattr(image, "meta", {}).get(INPUT_NOTES) or "{}"
             report.update(json.loads(notes[0] if isinstance(notes, (list, tuple)) else notes))
             report.update(image=_source_name(image), segmentation=str(target))
-            write_text_atomic(target.parent / f"{case}_{self.postfix}.json", json.dumps(report, indent=2, default=str))
+            report_path = target.parent / f"{case}_{self.postfix}.json"
+            write_text_atomic(report_path, json.dumps(report, indent=2, default=str))
+            logger.info(f"{case}: wrote {target} and {report_path}")
             d[f"{key}_saved_to"] = str(target)
         return d
 

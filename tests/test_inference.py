@@ -356,6 +356,8 @@ def test_bundle_run_on_the_shipped_sample(tmp_path):
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    written = out / "openkbp_pt_243" / "openkbp_pt_243_seg"
+    assert f"openkbp_pt_243: wrote {written}.nii.gz and {written}.json" in result.stdout  # the log names the files
     source = nib.load(REPO_ROOT / "bundle/sample/images/openkbp_pt_243.nii.gz")
     mask, affine, report = read_output(out, "openkbp_pt_243")
     assert mask.shape == source.shape
