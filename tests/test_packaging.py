@@ -258,10 +258,8 @@ def test_monai_label_serves_the_bundle(package, tmp_path):
     from the label table; one predictor per image kept across requests; no clicks -> 422."""
     click, further = [69, 64, 33], [69, 64, 36]  # voxel indices of the stored image: inside the brainstem
     table = json.loads((package / "docs" / "labels.json").read_text())["labels"]
-    with _monai_label_server(package / "monailabel", _studies(tmp_path), {"bundle": str(package)}, tmp_path) as (
-        port,
-        log,
-    ):
+    conf = {"bundle": str(package)}
+    with _monai_label_server(package / "monailabel", _studies(tmp_path), conf, tmp_path) as (port, log):
         info = _info(port)
         assert "sam_med3d" in info["models"], log.read_text()[-3000:]
         model = info["models"]["sam_med3d"]
@@ -270,7 +268,8 @@ def test_monai_label_serves_the_bundle(package, tmp_path):
         assert "sam_med3d" in info["trainers"]
         assert f"the bundle's code: {package / 'custom'}" in log.read_text()
 
-        status, first = _infer(port, "sam_med3d", {"foreground": [click], "background": []}, "image", tmp_path / "label.nii.gz")
+        params = {"foreground": [click], "background": []}
+        status, first = _infer(port, "sam_med3d", params, "image", tmp_path / "label.nii.gz")
         assert status == 200, log.read_text()[-3000:]
         params = {"foreground": [click, further], "background": []}
         status, again = _infer(port, "sam_med3d", params, "json", tmp_path / "further.json")
@@ -307,18 +306,15 @@ def test_the_stock_monaibundle_app_serves_the_bundle_as_deepedit(tmp_path):
         pytest.skip(f"MONAI Label's sample apps are not installed ({stock})")
     app = tmp_path / "monaibundle"
     shutil.copytree(stock, app, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(
-        [sys.executable, str(BUNDLE / "scripts/package.py"), "--output_dir", str(app / "model"),
-         "--name", "sam_med3d_deepedit", "--make_zip", "False"],
-        check=True,
-    )
+    package = [sys.executable, str(BUNDLE / "scripts/package.py"), "--output_dir", str(app / "model")]
+    subprocess.run(package + ["--name", "sam_med3d_deepedit", "--make_zip", "False"], check=True)
     conf = {"models": "sam_med3d_deepedit", "zoo_source": "local", "sam2": "false", "skip_trainers": "true"}
     with _monai_label_server(app, _studies(tmp_path), conf, tmp_path) as (port, log):
         models = _info(port)["models"]
         assert models["sam_med3d_deepedit"]["type"] == "deepedit", log.read_text()[-3000:]
         click = [69, 64, 33]
-        status, _ = _infer(port, "sam_med3d_deepedit", {"foreground": [click], "background": []}, "image",
-                           tmp_path / "label.nii.gz")
+        params = {"foreground": [click], "background": []}
+        status, _ = _infer(port, "sam_med3d_deepedit", params, "image", tmp_path / "label.nii.gz")
         assert status == 200, log.read_text()[-3000:]
     mask = np.asarray(nib.load(tmp_path / "label.nii.gz").dataobj)
     assert mask[tuple(click)] > 0 and 100 < (mask > 0).sum() < 0.05 * mask.size
