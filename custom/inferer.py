@@ -4,10 +4,16 @@ autocast."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
@@ -17,6 +23,81 @@ from .precision import autocast, check_autocast_dtype
 from .predictor import VolumetricPredictor
 from .prompts import check_click_memory
 from .transforms import PROMPT_FAILED, PROMPT_REPORT, PROMPTS_META, normalize_crop
+
+
+@dataclass
+class _Kept:
+    """A predictor kept by :class:`PredictorCache`, and what each of its objects was given so far."""
+
+    predictor: VolumetricPredictor
+    network: nn.Module
+    # object label -> (earlier-mask signature, box signature, clicks applied as ((i, j, k), positive))
+    applied: dict[int, tuple[str | None, tuple | None, list[tuple[tuple[float, ...], bool]]]] = field(
+        default_factory=dict
+    )
+
+
+class PredictorCache:
+    """Predictors kept across calls of a :class:`PromptedInferer`, one per image, for interactive servers.
+
+    An interactive client (MONAI Label, 3D Slicer) sends every click of an object again with each request. A
+    predictor kept from the previous request of the same image already holds the image on the network grid,
+    the window embeddings (the costly part: one encoder pass per window) and each object's clicks, so a
+    further click costs one prompt step (a decoder pass) instead of re-encoding the image and replaying every
+    click.
+
+    A predictor is found again under the image's file (real path, modification time in ns, size in bytes:
+    a file rewritten in place is a new image), its modality, the network *object* (MONAI Label builds a new
+    one when ``model.pt`` changes) and the inferer's settings. Images without a file behind them are not kept.
+
+    Bounded to ``max_images`` predictors, least recently used dropped first: each holds its image on the
+    network grid (float32) and up to ``max_cached_embeddings`` window embeddings, some hundred MB for a CT
+    scan, and a labelling session works on one image at a time (two let a user go back to the previous one).
+
+    Calls through one cache run one at a time (a predictor is not thread-safe).
+    """
+
+    def __init__(self, max_images: int = 2) -> None:
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        self.max_images = max_images
+        self.lock = threading.RLock()
+        self._kept: OrderedDict[tuple, _Kept] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    @staticmethod
+    def image_key(source: Any) -> tuple[str, int, int] | None:
+        """``(real path, mtime_ns, size)`` of an image file or DICOM folder; None if there is none."""
+        if not isinstance(source, (str, os.PathLike)) or not os.path.exists(source):
+            return None
+        stat = os.stat(source)
+        return os.path.realpath(source), stat.st_mtime_ns, stat.st_size
+
+    def get(self, key: tuple, network: nn.Module) -> _Kept | None:
+        kept = self._kept.get(key)
+        if kept is None or kept.network is not network:
+            self.misses += 1
+            return None
+        self._kept.move_to_end(key)
+        self.hits += 1
+        return kept
+
+    def put(self, key: tuple, kept: _Kept) -> None:
+        self._kept[key] = kept
+        self._kept.move_to_end(key)
+        while len(self._kept) > self.max_images:
+            self._kept.popitem(last=False)
+
+    def discard(self, key: tuple) -> None:
+        self._kept.pop(key, None)
+
+    def clear(self) -> None:
+        with self.lock:
+            self._kept.clear()
 
 
 class PromptedInferer(Inferer):
@@ -31,6 +112,9 @@ class PromptedInferer(Inferer):
         failures: an object with ``report_failure(message)`` (the run's case list): a volume that fails is
             reported there, flagged in its prediction's metadata (``prompt_failed``, so that nothing is saved
             for it) and the others go on; None: the error propagates.
+        predictor_cache: keep one predictor per image across calls (:class:`PredictorCache`, for interactive
+            servers: a further click on the same image is not re-encoded); None (the command line): a new
+            predictor per call.
     """
 
     def __init__(
@@ -49,9 +133,11 @@ class PromptedInferer(Inferer):
         max_cached_embeddings: int = 32,
         max_grid_voxels: int = 2**28,
         failures: Any = None,
+        predictor_cache: PredictorCache | None = None,
     ) -> None:
         super().__init__()
         self.failures = failures
+        self.predictor_cache = predictor_cache
         if max_windows < 1:
             raise ValueError(f"max_windows must be >= 1, got {max_windows}")
         self.settings = dict(
@@ -122,15 +208,16 @@ class PromptedInferer(Inferer):
         ]
         affines = inputs.affine if inputs.affine.ndim == 3 else inputs.affine[None].expand(batch, -1, -1)
         names = inputs.meta.get("filename_or_obj")
-        predictor = self.predictor(network)
+        predictor = self.predictor(network) if self.predictor_cache is None else None
         outputs, reports, failed = [], [], []
         network.eval()
         for b in range(batch):
             name = names[b] if isinstance(names, (list, tuple)) else names
             image = MetaTensor(inputs[b].as_tensor(), affine=affines[b], meta={"filename_or_obj": name or "<image>"})
+            segment = self._segment if predictor is not None else self._segment_kept
             try:
-                label_map, report = self._segment(
-                    predictor,
+                label_map, report = segment(
+                    predictor or network,
                     image,
                     b,
                     point_coords,
@@ -181,6 +268,85 @@ class PromptedInferer(Inferer):
             objects[b, : len(prompts["object_labels"])] = torch.tensor(prompts["object_labels"])
         return coords, labels, boxes, objects
 
+    def _segment_kept(
+        self,
+        network: nn.Module,
+        image: MetaTensor,
+        b: int,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        object_labels: torch.Tensor,
+        prev_mask: torch.Tensor | None,
+        modality: str,
+        boxes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:meth:`_segment` with the image's predictor from :attr:`predictor_cache`: an object whose clicks
+        include all those it was given before (and the same earlier mask and box) gets only the new ones; any
+        other object is reset and given all its clicks again (the embeddings stay)."""
+        labels = [int(label) for label in object_labels[b].tolist()]
+        image_key = PredictorCache.image_key(image.meta.get("filename_or_obj"))
+        if image_key is None or len(set(labels)) != len(labels):  # nothing to find it again by
+            return self._segment(
+                self.predictor(network), image, b, point_coords, point_labels, object_labels, prev_mask, modality, boxes
+            )
+        settings = tuple(sorted((k, repr(v)) for k, v in self.settings.items()))
+        key = (image_key, modality, id(network), settings)
+        cache = self.predictor_cache
+        with cache.lock:
+            kept = cache.get(key, network)
+            if kept is not None and not _same_grid(kept.predictor, image):
+                cache.discard(key)
+                kept = None
+            reused = kept is not None
+            if kept is None:
+                kept = _Kept(self.predictor(network), network)
+                kept.predictor.set_image(image, modality=modality)
+            predictor = kept.predictor
+            computed_before = predictor.embeddings_computed
+            try:
+                order = []
+                for index, label in enumerate(labels):
+                    earlier = None
+                    if prev_mask is not None and prev_mask.numel() > 0:
+                        earlier = torch.as_tensor(prev_mask[b, 0]) == label
+                        earlier = earlier if earlier.any() else None
+                    box = None
+                    if boxes is not None and boxes.numel() > 0 and not torch.isnan(boxes[b, index]).any():
+                        box = tuple(boxes[b, index].flatten().tolist())
+                    valid = point_labels[b, index] >= 0
+                    clicks = [
+                        (tuple(point), bool(positive))
+                        for point, positive in zip(
+                            point_coords[b, index][valid].tolist(), point_labels[b, index][valid].tolist()
+                        )
+                    ]
+                    mask_signature = (
+                        None if earlier is None else hashlib.sha1(earlier.numpy().tobytes()).hexdigest()
+                    )
+                    before = kept.applied.get(label)
+                    new = _added(before[2], clicks) if before and before[:2] == (mask_signature, box) else None
+                    if new is None:  # a first request, or clicks taken back: start the object again
+                        predictor.reset(label)
+                        kept.applied.pop(label, None)
+                        if earlier is not None:
+                            predictor.set_mask(label, earlier)
+                        if box is not None:
+                            predictor.add_box(label, box[:3], box[3:])
+                        new = clicks
+                    for point, positive in new:
+                        predictor.add_click(label, point, positive)
+                    kept.applied[label] = (mask_signature, box, clicks)
+                    order.append((label, label))
+                report: dict[str, Any] = {"objects": [predictor.report(key) for key, _ in order]}
+                report["embeddings_computed"] = predictor.embeddings_computed - computed_before
+                report["predictor_reused"] = reused
+                label_map = predictor.label_map(order)[None]
+            except Exception:
+                cache.discard(key)  # half-applied clicks: do not answer the next request from this state
+                raise
+            cache.put(key, kept)
+        return label_map, report
+
     @staticmethod
     def _segment(
         predictor: VolumetricPredictor,
@@ -210,6 +376,33 @@ class PromptedInferer(Inferer):
         report: dict[str, Any] = {"objects": [predictor.report(index) for index, _ in order]}
         report["embeddings_computed"] = predictor.embeddings_computed
         return predictor.label_map(order)[None], report
+
+
+def _same_grid(predictor: VolumetricPredictor, image: MetaTensor) -> bool:
+    """Whether ``image`` lies on the stored grid the predictor was set up with (a check on the cache key)."""
+    grid = predictor.grid
+    return (
+        grid is not None
+        and tuple(image.shape[1:]) == grid.stored_shape
+        and np.allclose(np.asarray(image.affine, np.float64), grid.stored_affine, atol=1e-4)
+    )
+
+
+def _added(
+    before: Sequence[tuple[tuple[float, ...], bool]], now: Sequence[tuple[tuple[float, ...], bool]]
+) -> list[tuple[tuple[float, ...], bool]] | None:
+    """The clicks of ``now`` that ``before`` lacks (each click counted as often as it occurs, in ``now``'s
+    order); None if ``before`` holds a click that ``now`` does not (a click taken back)."""
+    remaining: dict[tuple[tuple[float, ...], bool], int] = {}
+    for click in before:
+        remaining[click] = remaining.get(click, 0) + 1
+    added = []
+    for click in now:
+        if remaining.get(click, 0) > 0:
+            remaining[click] -= 1
+        else:
+            added.append(click)
+    return None if any(remaining.values()) else added
 
 
 class AutocastInferer(Inferer):

@@ -4,9 +4,12 @@ property checks, MLflow tracking, MONAI Label's real server, and ONNX for CPU de
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
+import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -188,7 +191,10 @@ def _free_port() -> int:
 
 def _torchvision_stand_in(folder: Path) -> Path:
     """torchvision does not import beside this torch build ('operator torchvision::nms does not exist'), and
-    MONAI Label imports torchvision.utils when it starts (for 2D pathology previews, never on this path)."""
+    MONAI Label imports torchvision.utils when it starts (for 2D pathology previews, never on this path).
+
+    The folder also gets a ``sitecustomize`` that hides an editable install of this project (``pip install -e
+    .``), so that the server can only run the packaged bundle's own ``custom``."""
     package = folder / "torchvision"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text('"""Stand-in for MONAI Label\'s start-up import."""\n')
@@ -196,78 +202,146 @@ def _torchvision_stand_in(folder: Path) -> Path:
         "def make_grid(*args, **kwargs):\n    raise NotImplementedError('torchvision stand-in')\n\n\n"
         "def save_image(*args, **kwargs):\n    raise NotImplementedError('torchvision stand-in')\n"
     )
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in getattr(f, '__name__', type(f).__name__)]\n"
+    )
     return folder
 
 
-def test_monai_label_serves_the_bundle(package, tmp_path):
+@contextlib.contextmanager
+def _monai_label_server(app: Path, studies: Path, conf: dict[str, str], tmp_path: Path):
+    """A MONAI Label server on loopback (``python -m monailabel.main start_server``); yields its port and log."""
     # The installed distribution, not find_spec: the bundle's own app folder (bundle/monailabel, a namespace
     # package without __init__.py) is found by that name wherever the repository or the bundle is on the path.
     try:
         version("monailabel")
     except PackageNotFoundError:
         pytest.skip("monailabel is not installed: the README's test command installs it")
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    (studies / SAMPLE.name).write_bytes(SAMPLE.read_bytes())
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(_torchvision_stand_in(tmp_path / "shim")))
-    command = [
-        sys.executable,
-        "-m",
-        "monailabel.main",
-        "start_server",
-        "--app",
-        str(package / "monailabel"),
-        "--studies",
-        str(studies),
-        "--conf",
-        "bundle",
-        str(package),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    log = open(tmp_path / "server.log", "w")
+    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies)]
+    for name, value in conf.items():
+        command += ["--conf", name, value]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    log_path = tmp_path / "server.log"
+    log = open(log_path, "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
-        for _ in range(120):
+        for _ in range(240):
             try:
-                info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=5).read())
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=5).read()
                 break
             except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                assert server.poll() is None, log_path.read_text()[-3000:]
                 time.sleep(1)
-        assert "sam_med3d" in info["models"]
-        click = [69, 64, 33]  # voxel indices of the stored image: inside the brainstem
-        result = subprocess.run(
-            [
-                "curl",
-                "-s",
-                "-f",
-                "-X",
-                "POST",
-                f"http://127.0.0.1:{port}/infer/sam_med3d?image=openkbp_pt_243&output=image",
-                "-F",
-                "params=" + json.dumps({"foreground": [click], "background": []}),
-                "-o",
-                str(tmp_path / "label.nii.gz"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, (tmp_path / "server.log").read_text()[-3000:]
+        yield port, log_path
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def _info(port: int) -> dict:
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=30).read())
+
+
+def _infer(port: int, model: str, params: dict, output: str, target: Path) -> tuple[int, float]:
+    """POST /infer/<model> for the sample as curl sends it; returns the HTTP status and the seconds taken."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-X",
+            "POST",
+            f"http://127.0.0.1:{port}/infer/{model}?image=openkbp_pt_243&output={output}",
+            "-F",
+            "params=" + json.dumps(params),
+            "-o",
+            str(target),
+            "-w",
+            "%{http_code}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return int(result.stdout or 0), time.perf_counter() - started
+
+
+def _studies(tmp_path: Path) -> Path:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / SAMPLE.name).write_bytes(SAMPLE.read_bytes())
+    return studies
+
+
+def test_monai_label_serves_the_bundle(package, tmp_path):
+    """The project's own app, from the packaged bundle alone: clicks in, label map out; label names and values
+    from the label table; one predictor per image kept across requests; no clicks -> 422."""
+    click, further = [69, 64, 33], [69, 64, 36]  # voxel indices of the stored image: inside the brainstem
+    table = json.loads((package / "docs" / "labels.json").read_text())["labels"]
+    conf = {"bundle": str(package)}
+    with _monai_label_server(package / "monailabel", _studies(tmp_path), conf, tmp_path) as (port, log):
+        info = _info(port)
+        assert "sam_med3d" in info["models"], log.read_text()[-3000:]
+        model = info["models"]["sam_med3d"]
+        assert model["type"] == "deepedit"
+        assert model["labels"] == {entry["name"]: entry["value"] for entry in table}
+        assert "sam_med3d" in info["trainers"]
+        assert f"the bundle's code: {package / 'custom'}" in log.read_text()
+
+        params = {"foreground": [click], "background": []}
+        status, first = _infer(port, "sam_med3d", params, "image", tmp_path / "label.nii.gz")
+        assert status == 200, log.read_text()[-3000:]
+        params = {"foreground": [click, further], "background": []}
+        status, again = _infer(port, "sam_med3d", params, "json", tmp_path / "further.json")
+        assert status == 200, log.read_text()[-3000:]
+        answer = json.loads((tmp_path / "further.json").read_text())
+        print(f"MONAI Label request times: first click {first:.2f} s, further click {again:.2f} s")
+        assert answer["predictor"] == {"reused": True, "embeddings_computed": 0}  # the image was not re-encoded
+        assert again < max(0.5 * first, 1.0), (first, again)
+        assert answer["label_names"] == {"foreground": 1}
+        value, *centre = answer["centroids"]["label_1"]
+        assert int(value) == 1 and len(centre) == 3
+
+        name = next(entry["name"] for entry in table if entry["value"] == 1)
+        status, _ = _infer(port, "sam_med3d", {name: [click], "background": []}, "json", tmp_path / "named.json")
+        assert status == 200 and json.loads((tmp_path / "named.json").read_text())["label_names"] == {name: 1}
+
+        status, _ = _infer(port, "sam_med3d", {}, "json", tmp_path / "none.json")
+        assert status == 422, (tmp_path / "none.json").read_text()
+        assert "no clicks" in json.loads((tmp_path / "none.json").read_text())["detail"]
     label, source = nib.load(tmp_path / "label.nii.gz"), nib.load(SAMPLE)
     mask = np.asarray(label.dataobj)
     assert mask.shape == source.shape
     np.testing.assert_allclose(label.affine, source.affine, atol=1e-4)
     assert mask[tuple(click)] > 0 and 100 < (mask > 0).sum() < 0.05 * mask.size
+    assert set(np.unique(mask)) == {0, 1}  # the value the answer's label_names give
     assert not (package / "eval").exists()  # the bundle's own saver is left to MONAI Label's writer
+
+
+def test_the_stock_monaibundle_app_serves_the_bundle_as_deepedit(tmp_path):
+    """MONAI Label's own ``monaibundle`` app reads a bundle's type from its folder name only: packaged as
+    ``sam_med3d_deepedit`` into the app's ``model/`` folder it is a deepedit (click) model."""
+    stock = Path(sys.prefix) / "monailabel" / "sample-apps" / "monaibundle"
+    if not stock.is_dir():
+        pytest.skip(f"MONAI Label's sample apps are not installed ({stock})")
+    app = tmp_path / "monaibundle"
+    shutil.copytree(stock, app, ignore=shutil.ignore_patterns("__pycache__"))
+    package = [sys.executable, str(BUNDLE / "scripts/package.py"), "--output_dir", str(app / "model")]
+    subprocess.run(package + ["--name", "sam_med3d_deepedit", "--make_zip", "False"], check=True)
+    conf = {"models": "sam_med3d_deepedit", "zoo_source": "local", "sam2": "false", "skip_trainers": "true"}
+    with _monai_label_server(app, _studies(tmp_path), conf, tmp_path) as (port, log):
+        models = _info(port)["models"]
+        assert models["sam_med3d_deepedit"]["type"] == "deepedit", log.read_text()[-3000:]
+        click = [69, 64, 33]
+        params = {"foreground": [click], "background": []}
+        status, _ = _infer(port, "sam_med3d_deepedit", params, "image", tmp_path / "label.nii.gz")
+        assert status == 200, log.read_text()[-3000:]
+    mask = np.asarray(nib.load(tmp_path / "label.nii.gz").dataobj)
+    assert mask[tuple(click)] > 0 and 100 < (mask > 0).sum() < 0.05 * mask.size
 
 
 def test_the_package_runs_in_a_fresh_virtual_environment(package, tmp_path):
