@@ -997,7 +997,10 @@ def _series_slices(folder: str, series_uid: str | None) -> list[Any]:
             slices.append(ds)
     uids = {str(ds.SeriesInstanceUID) for ds in slices}
     if series_uid:
-        uids = {uid for uid in uids if str(series_uid).startswith(uid)}
+        # the UID, or GDCM's series identifier (the UID, then details)
+        uids = {uid for uid in uids if uid == str(series_uid)} or {
+            uid for uid in uids if str(series_uid).startswith(f"{uid}.")
+        }
     if len(uids) != 1:
         raise CaseError(f"{folder}: cannot tell which DICOM series to refer to (series found: {sorted(uids)})")
     slices = [ds for ds in slices if str(ds.SeriesInstanceUID) in uids]
