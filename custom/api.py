@@ -39,6 +39,8 @@ def segment(
     spacing_mm: Sequence[float] = (1.5, 1.5, 1.5),
     series_uid: str | None = None,
     max_clicks_per_object: int = 100,
+    output_ext: str = ".nii.gz",
+    preview: bool = True,
 ) -> Path:
     """Segment one image from clicks with ``<bundle_root>/configs/inference.json`` and return the mask's path.
 
@@ -50,18 +52,22 @@ def segment(
         bundle_root: the bundle folder (the one holding ``configs/`` and ``models/``).
         objects: several objects, ``[{"label": 1, "points": ..., "point_labels": ...}, ...]``.
         space: ``"voxel"`` or ``"world"`` for ``points``.
-        output_dir: where ``<case>/<case>_seg.nii.gz`` and its report go.
+        output_dir: where ``<case>/<case>_seg<output_ext>`` and its report go.
         modality: e.g. ``"CT"`` (intensity clamping as in training).
         prev_mask: an earlier label map of this image to continue from.
         network_name, ckpt_path: the network (default: the shipped model of ``bundle_root``).
         click_memory, autocast_dtype, max_windows_per_object, spacing_mm, max_clicks_per_object: as in
             ``inference.json``.
         series_uid: the DICOM series to segment when ``image`` is a folder holding several.
+        output_ext: ``.nii.gz``, ``.nrrd`` or ``.dcm`` (a DICOM-SEG; ``image`` must be a DICOM series folder).
+        preview: also write ``<case>_seg.png`` (three slices through each object, outlined in its label colour).
 
     Raises:
         RuntimeError: the case failed (the message names why); ValueError: an unknown option value.
     """
     from monai.bundle import ConfigWorkflow
+
+    from .transforms import check_output_ext
 
     if network_name not in available_networks():
         raise ValueError(f"unknown network_name {network_name!r}; registered: {', '.join(available_networks())}")
@@ -95,6 +101,8 @@ def segment(
         "max_windows_per_object": int(max_windows_per_object),
         "spacing_mm": [float(s) for s in spacing_mm],
         "max_clicks_per_object": int(max_clicks_per_object),
+        "output_ext": check_output_ext(output_ext),
+        "preview": bool(preview),
     }
     workflow = ConfigWorkflow(
         config_file=str(bundle_root / "configs" / "inference.json"), workflow_type="infer", **overrides
@@ -105,4 +113,4 @@ def segment(
     finally:
         workflow.finalize()
     case = cases.cases[0]["case"]
-    return Path(output_dir) / case / f"{case}_seg.nii.gz"
+    return Path(output_dir) / case / f"{case}_seg{output_ext}"

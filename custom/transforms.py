@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pickle
+import types
 import zipfile
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -272,6 +273,8 @@ def _inspect_dicom_series(folder: str, series_uid: str | None) -> DeclaredVolume
     notes = {"dicom_series_uid": tags["uid"] or identifier, "dicom_files": str(len(files))}
     if tags["description"]:
         notes["dicom_series_description"] = tags["description"]
+    if tags["modality"]:
+        notes["dicom_modality"] = tags["modality"]
     if len(files) > 1:
         spacing[2] = _dicom_slice_spacing(folder, tags["uid"] or identifier, files, notes)
     pixel = io.GetPixelTypeAsString(io.GetPixelType())
@@ -886,12 +889,66 @@ class ClicksToVoxelsd(MapTransform):
             )
 
 
-def write_label_map(label_map: torch.Tensor, path: str | os.PathLike, like: str | None = None) -> None:
-    """Write a ``(1, D, H, W)`` label map as an int16 NIfTI, always 3D (a one-slice volume stays
-    ``(D, H, 1)``). When ``like`` is the NIfTI file the label map was computed from, its header is kept
-    (sform and qform with their codes, units, extensions): the output lies on exactly the input's grid, even
-    where that header's geometry is unusual (a singular sform, which readers replace by the qform or pixdim
-    geometry). Other inputs (NRRD, MHA, DICOM) get a header built from the affine."""
+#: the label map formats :func:`write_label_map` writes (``output_ext`` of :class:`SaveSegmentationd`)
+OUTPUT_EXTENSIONS = (".nii.gz", ".nrrd", ".dcm")
+
+
+def check_output_ext(output_ext: str, cases: Any = None) -> str:
+    """``output_ext`` if this bundle writes it, and, for ``.dcm`` (a DICOM-SEG, which refers to the slices of its
+    source series), every case's image a DICOM series folder; checked before any work is done.
+
+    Args:
+        cases: a :class:`~custom.data.CaseList` (or a list of entries with ``image``).
+
+    Raises:
+        ValueError: naming ``output_ext``, the case and what was expected.
+    """
+    if output_ext not in OUTPUT_EXTENSIONS:
+        raise ValueError(f"output_ext must be one of {', '.join(map(repr, OUTPUT_EXTENSIONS))}, got {output_ext!r}")
+    if output_ext == ".dcm":
+        for entry in getattr(cases, "cases", cases) or []:
+            _check_dicom_source(entry.get("image"), entry.get("case"))
+    return output_ext
+
+
+def _check_dicom_source(image: Any, case: Any = None) -> str:
+    source = image if isinstance(image, (str, os.PathLike)) else _source_name(image)
+    if not os.path.isdir(str(source)):
+        raise CaseError(
+            f"case {case or case_name(str(source))!r}: output_ext '.dcm' writes a DICOM-SEG, which refers to the "
+            f"slices of its source series, so the entry's 'image' must be a DICOM series folder; got {str(source)!r}. "
+            "Use output_ext '.nii.gz' or '.nrrd' for this image"
+        )
+    return str(source)
+
+
+def write_label_map(
+    label_map: torch.Tensor,
+    path: str | os.PathLike,
+    like: str | None = None,
+    labels: Any = None,
+    series_uid: str | None = None,
+    objects: Sequence[int] | None = None,
+) -> None:
+    """Write a ``(1, D, H, W)`` label map in the format of ``path``'s suffix (:data:`OUTPUT_EXTENSIONS`); the
+    one writer of label maps.
+
+    - ``.nii.gz``: int16 NIfTI, always 3D (a one-slice volume stays ``(D, H, 1)``). When ``like`` is the NIfTI
+      file the label map was computed from, its header is kept (sform and qform with their codes, units,
+      extensions): the output lies on exactly the input's grid, even where that header's geometry is unusual (a
+      singular sform, which readers replace by the qform or pixdim geometry). Other inputs (NRRD, MHA, DICOM) get
+      a header built from the affine.
+    - ``.nrrd``: int16 NRRD (gzip) in LPS space, written by ITK from the affine, as ITK reads NRRD inputs.
+    - ``.dcm``: a DICOM-SEG (binary, one segment per label value) of the DICOM series folder ``like`` (the series
+      ``series_uid`` when the folder holds several), one frame per source slice that holds the object, segments
+      named and coloured by ``labels`` (a :class:`~custom.labels.LabelTable`); a segment for each value in the
+      label map and each prompted object's value in ``objects`` (an object that came out empty too).
+    """
+    name = str(path).lower()
+    if name.endswith(".nrrd"):
+        return _write_nrrd(label_map, path)
+    if name.endswith(".dcm"):
+        return _write_dicom_seg(label_map, path, _check_dicom_source(like), labels, series_uid, objects)
     values = np.asarray(label_map.detach().cpu() if isinstance(label_map, torch.Tensor) else label_map)[0]
     values = values.astype(np.int16)
     if like is not None and str(like).lower().endswith((".nii", ".nii.gz")) and Path(like).is_file():
@@ -905,14 +962,184 @@ def write_label_map(label_map: torch.Tensor, path: str | os.PathLike, like: str 
             out.header.set_qform(source.header.get_qform(), code=int(source.header["qform_code"]))
             nib.save(out, str(path))
             return
-    affine = np.asarray(label_map.affine if isinstance(label_map, MetaTensor) else np.eye(4), np.float64)
-    nib.save(nib.Nifti1Image(values, affine), str(path))
+    nib.save(nib.Nifti1Image(values, _affine(label_map)), str(path))
+
+
+def _affine(label_map: Any) -> np.ndarray:
+    return np.asarray(label_map.affine if isinstance(label_map, MetaTensor) else np.eye(4), np.float64)
+
+
+def _write_nrrd(label_map: torch.Tensor, path: str | os.PathLike) -> None:
+    import itk
+
+    values = np.asarray(label_map.detach().cpu() if isinstance(label_map, torch.Tensor) else label_map)[0]
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ _affine(label_map)  # MONAI's affines are RAS, ITK's LPS
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = itk.image_from_array(np.ascontiguousarray(values.astype(np.int16).transpose(2, 1, 0)))  # ITK: z, y, x
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(lps[:3, :3] / spacing)))
+    itk.imwrite(image, str(path), compression=True)
+
+
+def _series_slices(folder: str, series_uid: str | None) -> list[Any]:
+    """The slices (pydicom datasets) of the series read from ``folder``, as ITK chose it (the one series there,
+    or ``series_uid``; GDCM's identifier may add details after the UID)."""
+    import pydicom
+
+    slices = []
+    for name in sorted(os.listdir(folder)):
+        try:
+            ds = pydicom.dcmread(os.path.join(folder, name))
+        except Exception:  # not a DICOM file: ITK skipped it too
+            continue
+        if "ImagePositionPatient" in ds and "PixelData" in ds:
+            slices.append(ds)
+    uids = {str(ds.SeriesInstanceUID) for ds in slices}
+    if series_uid:
+        # the UID, or GDCM's series identifier (the UID, then details)
+        uids = {uid for uid in uids if uid == str(series_uid)} or {
+            uid for uid in uids if str(series_uid).startswith(f"{uid}.")
+        }
+    if len(uids) != 1:
+        raise CaseError(f"{folder}: cannot tell which DICOM series to refer to (series found: {sorted(uids)})")
+    slices = [ds for ds in slices if str(ds.SeriesInstanceUID) in uids]
+    for ds in slices:  # patient and study attributes of type 2 (present, may be empty) that a SEG copies
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    return slices
+
+
+#: type 2 attributes of the source images that a DICOM-SEG copies (series written by tools that omit them)
+_TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+
+
+def _slice_frame(values: np.ndarray, affine: np.ndarray, ds: Any, where: str) -> np.ndarray:
+    """The ``(rows, columns)`` frame of ``values`` (on the grid of ``affine``, RAS) that lies on the DICOM slice
+    ``ds``, each of its pixels at one voxel of the label map; refused if the slice is not on the grid."""
+    to_ras = np.array([-1.0, -1.0, 1.0])
+    position = np.asarray(ds.ImagePositionPatient, np.float64) * to_ras
+    orientation = np.asarray(ds.ImageOrientationPatient, np.float64)
+    row_spacing, column_spacing = (float(s) for s in ds.PixelSpacing)
+    to_voxel = np.linalg.inv(affine)
+    origin = to_voxel[:3, :3] @ position + to_voxel[:3, 3]
+    along_column = to_voxel[:3, :3] @ (orientation[:3] * to_ras * column_spacing)  # next column: along a row
+    along_row = to_voxel[:3, :3] @ (orientation[3:] * to_ras * row_spacing)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    r, c = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
+    index = origin + r[..., None] * along_row + c[..., None] * along_column
+    voxel = np.rint(index).astype(np.int64)
+    if np.abs(index - voxel).max() > 0.05 or (voxel < 0).any() or (voxel >= np.array(values.shape)).any():
+        raise CaseError(f"{where}: slice {ds.SOPInstanceUID} does not lie on the segmented image's voxel grid")
+    return values[voxel[..., 0], voxel[..., 1], voxel[..., 2]]
+
+
+def _cielab(rgb: Sequence[int]) -> list[int]:
+    """sRGB (0-255) -> DICOM's scaled CIELab (0-65535), for RecommendedDisplayCIELabValue."""
+    linear = [((c / 255 + 0.055) / 1.055) ** 2.4 if c / 255 > 0.04045 else c / 255 / 12.92 for c in rgb]
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ linear
+    f = [t ** (1 / 3) if t > 216 / 24389 else (24389 / 27 * t + 16) / 116 for t in xyz / [0.95047, 1.0, 1.08883]]
+    lab = (116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2]))
+    return [round(lab[0] * 65535 / 100), round((lab[1] + 128) * 65535 / 255), round((lab[2] + 128) * 65535 / 255)]
+
+
+class _NumPyWithFloat_(types.ModuleType):
+    """NumPy as highdicom 0.22 (the last release for pydicom 2, which MONAI Label's pins need) expects it:
+    with ``float_``, which NumPy 2 removed; given to highdicom's ``seg.sop`` module only."""
+
+    float_ = np.float64
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(np, name)
+
+
+def _highdicom() -> Any:
+    import highdicom as hd
+    from highdicom.seg import sop
+
+    if not hasattr(sop.np, "float_"):
+        sop.np = _NumPyWithFloat_("numpy")
+    return hd
+
+
+def _write_dicom_seg(
+    label_map: torch.Tensor,
+    path: str | os.PathLike,
+    folder: str,
+    labels: Any,
+    series_uid: str | None,
+    requested: Sequence[int] | None,
+) -> None:
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    from .labels import LabelTable
+
+    hd = _highdicom()
+    labels = labels if labels is not None else LabelTable()
+    values = np.asarray(label_map.detach().cpu() if isinstance(label_map, torch.Tensor) else label_map)[0]
+    values = values.astype(np.int64)
+    slices = _series_slices(folder, series_uid)
+    if len(slices) != values.shape[2]:
+        raise CaseError(f"{folder}: {len(slices)} slices in the series, the segmented image has {values.shape[2]}")
+    frames = np.stack([_slice_frame(values, _affine(label_map), ds, folder) for ds in slices])
+    present = sorted(int(v) for v in np.unique(values) if v > 0)
+    described = sorted(set(present) | {int(v) for v in requested or () if int(v) > 0}) or [1]
+    numbers = np.zeros(max(described) + 1, np.uint16)  # label value -> segment number (1, 2, ...)
+    numbers[described] = np.arange(1, len(described) + 1)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="SAM-Med3D MONAI bundle", family=codes.cid7162.ArtificialIntelligence, version="1"
+    )
+    descriptions = []
+    for number, value in enumerate(described, start=1):
+        label = labels[value]
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label.name,
+            segmented_property_category=Code("123037004", "SCT", "Anatomical Structure"),
+            segmented_property_type=Code("113343008", "SCT", "Organ"),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_id=f"label {value}",
+            tracking_uid=hd.UID(),
+        )
+        description.RecommendedDisplayCIELabValue = _cielab(label.color)
+        descriptions.append(description)
+    try:
+        seg = _segmentation(hd, slices, frames, numbers, descriptions, present)
+    except (ValueError, AttributeError, TypeError) as err:  # what the source series lacks for a SEG
+        raise CaseError(f"{folder}: no DICOM-SEG can refer to this series: {err}") from err
+    seg.save_as(str(path))
+
+
+def _segmentation(hd: Any, slices: list, frames: np.ndarray, numbers: np.ndarray, descriptions: list, present: list):
+    return hd.seg.Segmentation(
+        source_images=slices,
+        pixel_array=numbers[np.clip(frames, 0, len(numbers) - 1)],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=int(getattr(slices[0], "SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="MONAI",
+        manufacturer_model_name="SAM-Med3D bundle",
+        software_versions="1",
+        device_serial_number="none",
+        series_description="SAM-Med3D segmentation",
+        omit_empty_frames=bool(present),  # a SEG needs at least one frame
+    )
 
 
 class SaveSegmentationd(MapTransform):
-    """Write ``<output_dir>/<case>/<case>_<postfix>.nii.gz`` and a JSON report beside it, each atomically; a case
-    folder that is a link leading out of ``output_dir`` is refused. The report adds the image's
-    :data:`INPUT_NOTES` (the DICOM series read, orientations assumed).
+    """Write ``<output_dir>/<case>/<case>_<postfix><output_ext>`` and a JSON report beside it, each atomically,
+    and with ``preview`` a picture of it, ``<case>_<postfix>.png`` (:mod:`custom.preview`); a case folder that is
+    a link leading out of ``output_dir`` is refused. The report adds the image's :data:`INPUT_NOTES` (the DICOM
+    series read, orientations assumed).
 
     Args:
         keys: the label map to save, on the stored grid of its image.
@@ -921,6 +1148,10 @@ class SaveSegmentationd(MapTransform):
         report_key: the dict to write as ``<case>_<postfix>.json`` (from the inferer), merged with
             ``prompt_request`` (the clicks as given) and ``extra_report``.
         extra_report: constant entries for every report (for example the network and checkpoint).
+        output_ext: one of :data:`OUTPUT_EXTENSIONS` (``.dcm``: a DICOM-SEG, for DICOM series input only).
+        labels_file: the label table (``docs/labels.json``): names and colours of the DICOM-SEG's segments and
+            of the preview's outlines (None: ``object <value>`` in default colours).
+        preview: also write the preview PNG.
     """
 
     def __init__(
@@ -930,12 +1161,20 @@ class SaveSegmentationd(MapTransform):
         postfix: str = "seg",
         report_key: str = PROMPT_REPORT,
         extra_report: Mapping[str, Any] | None = None,
+        output_ext: str = ".nii.gz",
+        labels_file: str | os.PathLike | None = None,
+        preview: bool = False,
     ) -> None:
         super().__init__(keys)
+        from .labels import LabelTable
+
         self.output_dir = Path(output_dir)
         self.postfix = postfix
         self.report_key = report_key
         self.extra_report = dict(extra_report or {})
+        self.output_ext = check_output_ext(output_ext)
+        self.labels = LabelTable.load(labels_file)
+        self.preview = bool(preview)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -945,9 +1184,21 @@ class SaveSegmentationd(MapTransform):
                 continue  # the inferer reported this case as failed: nothing is written for it
             case = safe_name(d.get("case") or case_name(_source_name(label_map)))
             folder = inside_folder(self.output_dir, case)  # a link there to elsewhere is refused
-            target = folder / f"{case}_{self.postfix}.nii.gz"
-            source = _source_name(d.get("image", label_map))
-            write_atomic(target, lambda path: write_label_map(label_map, path, like=source))
+            target = folder / f"{case}_{self.postfix}{self.output_ext}"
+            image = d.get("image", label_map)
+            source = _source_name(image)
+            notes = getattr(image, "meta", {}).get(INPUT_NOTES) or "{}"
+            notes = json.loads(notes[0] if isinstance(notes, (list, tuple)) else notes)
+            if self.output_ext == ".dcm":
+                _check_dicom_source(source, case)
+            series = d.get("series_uid") or notes.get("dicom_series_uid")
+            clicks = _clicks(d, image)
+            write_atomic(
+                target,
+                lambda path: write_label_map(
+                    label_map, path, like=source, labels=self.labels, series_uid=series, objects=list(clicks)
+                ),
+            )
             report = dict(self.extra_report)
             inferred = label_map.meta.pop(self.report_key, None) if isinstance(label_map, MetaTensor) else None
             inferred = d.get(self.report_key, inferred)
@@ -956,15 +1207,33 @@ class SaveSegmentationd(MapTransform):
                 requested = json.loads(d[PROMPT_REQUEST])
                 done = report.get("objects", [{}] * len(requested))
                 report["objects"] = [dict(given, **used) for given, used in zip(requested, done)]
-            image = d.get("image", label_map)
-            notes = getattr(image, "meta", {}).get(INPUT_NOTES) or "{}"
-            report.update(json.loads(notes[0] if isinstance(notes, (list, tuple)) else notes))
-            report.update(image=_source_name(image), segmentation=str(target))
+            report.update(notes)
+            report.update(image=source, segmentation=str(target))
+            if self.preview:
+                from .preview import write_preview
+
+                picture = target.parent / f"{case}_{self.postfix}.png"
+                modality = str(d.get("modality") or notes.get("dicom_modality") or "")
+                write_preview(picture, image, label_map, self.labels, clicks, modality)
+                report["preview"] = str(picture)
             report_path = target.parent / f"{case}_{self.postfix}.json"
             write_text_atomic(report_path, json.dumps(report, indent=2, default=str))
             logger.info(f"{case}: wrote {target} and {report_path}")
             d[f"{key}_saved_to"] = str(target)
         return d
+
+
+def _clicks(d: Mapping[Hashable, Any], image: Any) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Each object's label value -> its clicks (voxel indices of the stored grid) and their labels (1, 0)."""
+    if OBJECT_LABELS in d and POINT_COORDS in d:
+        values, coords, kinds = (np.asarray(d[k]) for k in (OBJECT_LABELS, POINT_COORDS, POINT_LABELS))
+    else:
+        prompts = image.meta.get(PROMPTS_META) if isinstance(image, MetaTensor) else None
+        if not isinstance(prompts, str):
+            return {}
+        prompts = json.loads(prompts)
+        values, coords, kinds = (np.asarray(prompts[k]) for k in ("object_labels", "point_coords", "point_labels"))
+    return {int(v): (coords[i][kinds[i] >= 0], kinds[i][kinds[i] >= 0]) for i, v in enumerate(values.reshape(-1))}
 
 
 class LabelClassesd(MapTransform):

@@ -515,7 +515,7 @@ def _write_dicom_series(folder, volume, spacing=(1.5, 1.5, 3.0), skip=(), descri
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
-    series, study = generate_uid(), generate_uid()
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
     for k, plane in enumerate(volume):
         if k in skip:
             continue
@@ -526,6 +526,7 @@ def _write_dicom_series(folder, volume, spacing=(1.5, 1.5, 3.0), skip=(), descri
         ds.file_meta, ds.is_little_endian, ds.is_implicit_VR = meta, True, False
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesDescription = study, series, description
+        ds.FrameOfReferenceUID = frame
         ds.Modality, ds.PatientName, ds.PatientID, ds.SeriesNumber, ds.InstanceNumber = "CT", "Test", "1", 1, k + 1
         ds.ImagePositionPatient = [0.0, 0.0, k * spacing[2]]
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]

@@ -283,6 +283,7 @@ class SamMed3DApp(MONAILabelApp):
         )
         if not task.is_valid():
             raise ValueError(f"{self.bundle} is not a usable bundle for MONAI Label (see the log)")
+        task.bundle_config["preview"] = False  # MONAI Label shows the result itself: no preview PNGs
         return {"sam_med3d": task}
 
     def init_trainers(self) -> dict:
