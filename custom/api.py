@@ -31,9 +31,9 @@ def segment(
     output_dir: str | os.PathLike = "eval",
     modality: str = "",
     prev_mask: str | os.PathLike | None = None,
-    network_name: str = "sam_med3d_lite",
+    network_name: str | None = None,
     ckpt_path: str | os.PathLike | None = None,
-    click_memory: str = "newest",
+    click_memory: str | None = None,
     autocast_dtype: str | None = None,
     max_windows_per_object: int = 8,
     spacing_mm: Sequence[float] = (1.5, 1.5, 1.5),
@@ -55,7 +55,8 @@ def segment(
         output_dir: where ``<case>/<case>_seg<output_ext>`` and its report go.
         modality: e.g. ``"CT"`` (intensity clamping as in training).
         prev_mask: an earlier label map of this image to continue from.
-        network_name, ckpt_path: the network (default: the shipped model of ``bundle_root``).
+        network_name, ckpt_path: the network (default: the shipped model of ``bundle_root`` and the variant its
+            ``inference.json`` names).
         click_memory, autocast_dtype, max_windows_per_object, spacing_mm, max_clicks_per_object: as in
             ``inference.json``.
         series_uid: the DICOM series to segment when ``image`` is a folder holding several.
@@ -69,7 +70,7 @@ def segment(
 
     from .transforms import check_output_ext
 
-    if network_name not in available_networks():
+    if network_name is not None and network_name not in available_networks():
         raise ValueError(f"unknown network_name {network_name!r}; registered: {', '.join(available_networks())}")
     if space not in ("voxel", "world"):
         raise ValueError(f"space must be 'voxel' or 'world', got {space!r}")
@@ -89,14 +90,12 @@ def segment(
         cases.raise_if_failed()
     # Every value that came from the caller enters as an object, not as a string the parser would evaluate.
     overrides: dict[str, Any] = {
-        "bundle_root": bundle_root,
+        "bundle_root": str(bundle_root),
         "input_dict": None,
         "datalist": None,
         "cases": cases,
         "output_dir": Path(output_dir),
         "ckpt_path": Path(ckpt_path) if ckpt_path is not None else bundle_root / "models" / "model.pt",
-        "network_name": network_name,
-        "click_memory": check_click_memory(click_memory),
         "autocast_dtype": check_autocast_dtype(autocast_dtype),
         "max_windows_per_object": int(max_windows_per_object),
         "spacing_mm": [float(s) for s in spacing_mm],
@@ -104,6 +103,11 @@ def segment(
         "output_ext": check_output_ext(output_ext),
         "preview": bool(preview),
     }
+    # None: what the bundle's inference.json says (the variant and click memory its model.pt was trained with)
+    if network_name is not None:
+        overrides["network_name"] = network_name
+    if click_memory is not None:
+        overrides["click_memory"] = check_click_memory(click_memory)
     workflow = ConfigWorkflow(
         config_file=str(bundle_root / "configs" / "inference.json"), workflow_type="infer", **overrides
     )

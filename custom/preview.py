@@ -116,7 +116,8 @@ def render_preview(
             extent = (-0.5, shape[ax_x] - 0.5, -0.5, shape[ax_y] - 0.5)
             axes.imshow(plane, cmap="gray", vmin=lower, vmax=upper, origin="lower", extent=extent,
                         interpolation="nearest", aspect=spacing[ax_y] / spacing[ax_x])  # fmt: skip
-            if outline is not None and outline.any():
+            # contour needs at least 2 x 2 samples (a one-slice volume's side panels are 1 voxel thick)
+            if outline is not None and outline.any() and min(outline.shape) >= 2:
                 axes.contour(outline.astype(np.float32), levels=[0.5], colors=[colour], linewidths=2.0,
                              origin="lower", extent=extent)  # fmt: skip
             for kind, marker in ((1, "o"), (0, "X")):

@@ -67,6 +67,22 @@ def test_the_package_passes_the_offline_model_zoo_checks(package):
         os.chdir(here)
 
 
+def test_monai_bundle_load_returns_the_shipped_weights(package, monkeypatch):
+    """What a zoo user calls: ``monai.bundle.load`` on the packaged bundle builds the network from inference.json
+    and copies every shipped tensor into it (a nested file would leave it randomly initialised: '0 of N')."""
+    import monai.bundle
+
+    monkeypatch.chdir(package)  # the package's configs name their files relative to the bundle folder
+    loaded = monai.bundle.load(
+        name=package.name, bundle_dir=str(package.parent), workflow_type="inference", device="cpu"
+    )
+    stored = torch.load(package / "models" / "model.pt", weights_only=True)
+    state = loaded.state_dict()
+    assert set(state) == set(stored)
+    for key, tensor in stored.items():
+        assert torch.equal(state[key], tensor.to(state[key].dtype)), key
+
+
 def test_required_packages_are_what_the_code_imports_and_what_is_installed():
     metadata = json.loads((BUNDLE / "configs/metadata.json").read_text())
     required = metadata["required_packages_version"]
@@ -75,7 +91,7 @@ def test_required_packages_are_what_the_code_imports_and_what_is_installed():
     assert version("monai") == metadata["monai_version"] and version("numpy") == metadata["numpy_version"]
     assert version("torch").split("+")[0] == metadata["pytorch_version"]
     provided = {"torch", "monai", "numpy", "nibabel", "ignite", "itk", "fire", "scipy", "tensorboard", "tqdm"}
-    provided |= {"matplotlib"}
+    provided |= {"matplotlib", "highdicom", "pydicom"}
     imported = set()
     for source in list((REPO_ROOT / "custom").rglob("*.py")) + list((BUNDLE / "scripts").glob("*.py")):
         for node in ast.walk(ast.parse(source.read_text())):

@@ -60,9 +60,11 @@ def test_one_epoch_through_the_bundle_writes_checkpoints(tmp_path):
     state = torch.load(tmp_path / "training_state.pt", weights_only=True)
     assert {"network", "optimizer", "lr_scheduler", "trainer", "scaler"} <= set(state)
     summary = json.loads((tmp_path / "model.json").read_text())
-    assert summary["key_metric"] == "val_dice_5clicks" and set(summary["metrics"]) == {
+    assert summary["key_metric"] == "val_dice_1_and_5" and set(summary["metrics"]) == {
+        "val_dice_1_and_5",
         "val_dice_1click",
         "val_dice_5clicks",
+        "val_gain_1_to_5",
     }
     assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
 
