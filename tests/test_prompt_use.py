@@ -24,6 +24,14 @@ CASES = ("hippocampus_322", "hippocampus_325")  # validation cases of the hippoc
 ANTERIOR, POSTERIOR = 1, 2
 
 
+def _cases(*not_yet: str) -> list:
+    """The cases, those in ``not_yet`` marked as a strict expected failure: the shipped model 0.4.0 does not meet
+    that check on that case yet (issue 26, open). Strict: the mark fails the suite once the model passes, so it
+    comes off with the model that earns it."""
+    reason = "shipped model 0.4.0 does not follow this prompt on this case yet (issue 26)"
+    return [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=reason)) if c in not_yet else c for c in CASES]
+
+
 @pytest.fixture(scope="module")
 def predictor() -> VolumetricPredictor:
     metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
@@ -52,7 +60,7 @@ def _click(predictor: VolumetricPredictor, key, point: torch.Tensor, positive: b
     return predictor.add_click(key, point.tolist(), positive).clone()
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _cases("hippocampus_322", "hippocampus_325"))
 def test_a_click_on_the_other_part_segments_the_other_part(predictor, case):
     label = _case(predictor, case)
     anterior, posterior = label == ANTERIOR, label == POSTERIOR
@@ -63,7 +71,7 @@ def test_a_click_on_the_other_part_segments_the_other_part(predictor, case):
     assert _dice(mask_p, posterior) > _dice(mask_p, anterior)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _cases("hippocampus_322", "hippocampus_325"))
 def test_a_negative_click_removes_a_wrongly_included_part(predictor, case):
     label = _case(predictor, case)
     anterior, posterior = label == ANTERIOR, label == POSTERIOR
@@ -76,7 +84,7 @@ def test_a_negative_click_removes_a_wrongly_included_part(predictor, case):
     assert _covered(after, anterior) > 0.6
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _cases("hippocampus_322"))
 def test_a_shifted_mask_prompt_moves_the_output_with_it(predictor, case):
     label = _case(predictor, case)
     anterior = label == ANTERIOR
@@ -92,7 +100,7 @@ def test_a_shifted_mask_prompt_moves_the_output_with_it(predictor, case):
     assert _dice(outputs[1], shifted) > _dice(outputs[1], anterior)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _cases("hippocampus_325"))
 def test_one_more_positive_click_in_a_missed_part_raises_dice(predictor, case):
     label = _case(predictor, case)
     for part in (ANTERIOR, POSTERIOR):

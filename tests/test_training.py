@@ -222,6 +222,7 @@ def test_ddp_trains_3dmedsam(tmp_path):
         "network_def#prompt_embed_dim": 64,
         "network_def#decoder_mlp_dim": 128,
         "network_def#image_size": 32,
+        "window_max_offset_mm": 16.0,  # a 32^3 window at 1.5 mm keeps the click inside up to 22.5 mm
     }
     ranks = _torchrun(tmp_path, 29519, network_name="medsam3d_adapter", val_interval=5, **small)
     frozen = [k for k, trains in ranks[0]["requires_grad"].items() if not trains]
