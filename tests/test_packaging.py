@@ -67,11 +67,13 @@ def test_the_package_passes_the_offline_model_zoo_checks(package):
         os.chdir(here)
 
 
-def test_monai_bundle_load_returns_the_shipped_weights(package, monkeypatch):
+def test_monai_bundle_load_returns_the_shipped_weights(package, monkeypatch, tmp_path):
     """What a zoo user calls: ``monai.bundle.load`` on the packaged bundle builds the network from inference.json
     and copies every shipped tensor into it (a nested file would leave it randomly initialised: '0 of N')."""
     import monai.bundle
 
+    # a copy: initialising the inference workflow creates its output folder inside the bundle folder
+    package = Path(shutil.copytree(package, tmp_path / package.name))
     monkeypatch.chdir(package)  # the package's configs name their files relative to the bundle folder
     loaded = monai.bundle.load(
         name=package.name, bundle_dir=str(package.parent), workflow_type="inference", device="cpu"
