@@ -104,6 +104,11 @@ def test_metadata_content(meta):
         assert t["is_patch_data"] is True
     assert image["format"] == "magnitude"
     assert pred["format"] == "segmentation"
+    # the zoo's conventions (as in its VISTA3D bundle): label values in channel_def, a value range, the apps
+    assert pred["channel_def"] == {"0": "background", "1": "prompted object"} and pred["value_range"] == [0, 1]
+    inference = json.loads((ROOT / "bundle" / "configs" / "inference.json").read_text(encoding="utf-8"))
+    assert image["value_range"] == inference["intensity_clamp_by_modality"]["CT"]  # the CT clamp before the z-score
+    assert "monai-label" in meta["supported_apps"]
 
 
 # (b) logging config -----------------------------------------------------------------------------
