@@ -21,6 +21,7 @@ needs ``"series_uid"`` (its SeriesInstanceUID). After :func:`parse_case` every c
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -43,6 +44,31 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr", ".dcm")
 
 class CaseError(ValueError):
     """A case that cannot be segmented as given; the message names the case and the value."""
+
+
+@functools.cache
+def _missing_prompt_class() -> type[CaseError]:
+    try:  # MONAI Label's stock apps run the bundle's transforms inside a Starlette (FastAPI) request
+        from starlette.exceptions import HTTPException
+    except ImportError:
+        return CaseError
+
+    class MissingPromptError(CaseError, HTTPException):
+        def __init__(self, detail: str) -> None:
+            HTTPException.__init__(self, status_code=422, detail=detail)
+            ValueError.__init__(self, detail)
+
+        def __str__(self) -> str:
+            return str(self.detail)
+
+    return MissingPromptError
+
+
+def missing_prompt_error(message: str) -> CaseError:
+    """The :class:`CaseError` for a request without a prompt. Where Starlette is installed (a MONAI Label server)
+    it is also Starlette's ``HTTPException`` with status 422, so that a stock MONAI Label app, which calls the
+    bundle's transforms in the request, answers a client error naming the problem instead of HTTP 500."""
+    return _missing_prompt_class()(message)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -224,7 +250,7 @@ def _from_client_form(case: str, entry: Mapping[str, Any]) -> Mapping[str, Any]:
         clicks[key] = list(value)
     converted = {k: v for k, v in entry.items() if k not in CLIENT_KEYS}
     if not clicks["foreground"] and not clicks["background"] and not any(k in entry for k in BOX_KEYS):
-        raise CaseError(
+        raise missing_prompt_error(
             f"case {case!r}: 'foreground' and 'background' hold no click (a foreground click places the crop)"
         )
     if clicks["foreground"] or clicks["background"]:

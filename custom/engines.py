@@ -470,6 +470,38 @@ def restore_random_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class LazySummaryWriter:
+    """A TensorBoard ``SummaryWriter`` for ``log_dir`` created at its first use: a workflow's ``initialize`` and
+    property checks then leave no folder or empty event file behind (MONAI's ``TensorBoardStatsHandler`` would
+    create its writer when the config is parsed). One instance shared by the trainer's and the evaluator's handlers
+    gives the run one event file."""
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        self.log_dir = str(log_dir)
+        self._writer = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        attribute = getattr(self._writer, name)
+        if not name.startswith("add_"):
+            return attribute
+
+        def add_and_flush(*args, **kwargs):  # the handlers never close a writer they were given
+            attribute(*args, **kwargs)
+            self._writer.flush()
+
+        return add_and_flush
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
 class SaveLatestCheckpoint:
     """Trainer handler: after every epoch (and every ``every_n_iterations`` iterations, if > 0),
     ``<output_dir>/model_latest.pt`` (``checkpoint_payload``) and ``<output_dir>/training_state.pt`` (network,

@@ -109,16 +109,29 @@ def inside_folder(root: str | os.PathLike, *parts: str) -> Path:
 
 
 def check_writable_folder(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and make sure files can be written there, before any work is done.
+    """Make sure files can be written in ``folder`` before any work is done, and leave nothing behind: a folder
+    that does not exist yet is created for the check and removed again (a workflow's ``initialize``, which
+    ``check_properties`` and ``monai.bundle.load`` also run, then writes nothing); the writers create it when they
+    first write (:func:`write_atomic`).
 
     Raises:
         PermissionError: naming the folder (one line, not the traceback of a write after inference).
     """
     folder = Path(folder)
+    created: list[Path] = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        for path in reversed(missing):
+            path.mkdir()
+            created.append(path)
         probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check.", delete=True)
         probe.close()
     except OSError as err:
         raise PermissionError(f"output folder {str(folder)!r} is not writable: {err.strerror or err}") from None
+    finally:
+        for path in reversed(created):
+            try:
+                path.rmdir()
+            except OSError:  # something else wrote there meanwhile: keep it
+                break
     return folder

@@ -27,7 +27,7 @@ from monai.data import ITKReader, MetaTensor
 from monai.data.utils import compute_shape_offset, zoom_affine
 from monai.transforms import LoadImage, LoadImaged, MapTransform, Randomizable
 
-from .data import CaseError, case_name, safe_name
+from .data import CaseError, case_name, missing_prompt_error, safe_name
 from .files import inside_folder, write_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -792,7 +792,7 @@ class ClientPromptsd(MapTransform):
                 }
             )
         if not objects:
-            raise CaseError(
+            raise missing_prompt_error(
                 f"{_source_name(d.get(self.first_key(d)))}: no clicks: expected 'objects', or 'foreground' / "
                 "'background' voxel lists, or label-name keys with voxel lists"
             )

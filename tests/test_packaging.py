@@ -122,6 +122,24 @@ def test_train_and_infer_workflows_have_their_properties(tmp_path):
     assert "inferer" in train["train"] and parser is not None
 
 
+def test_property_checks_write_nothing_into_the_bundle(package, tmp_path, monkeypatch):
+    """What the zoo's checks and ``monai.bundle.load`` do (initialize, then check the properties), run from inside
+    the packaged bundle with the configs' default output folders, leaves the bundle folder as it was."""
+    bundle = tmp_path / "sam_med3d"
+    shutil.copytree(package, bundle)
+    before = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*"))
+    monkeypatch.chdir(bundle)
+    monkeypatch.syspath_prepend(str(bundle))
+    for config, kind in (("train.json", "train"), ("evaluate.json", "infer"), ("inference.json", "infer")):
+        workflow = ConfigWorkflow(
+            config_file=f"configs/{config}", meta_file="configs/metadata.json", workflow_type=kind, bundle_root="."
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == [], config
+    after = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if "__pycache__" not in p.parts)
+    assert after == before, set(after) ^ set(before)
+
+
 def test_mlflow_tracking_with_a_local_store(tmp_path):
     pytest.importorskip("mlflow")
     import mlflow
@@ -358,6 +376,13 @@ def test_the_stock_monaibundle_app_serves_the_bundle_as_deepedit(tmp_path):
         params = {"foreground": [click], "background": []}
         status, _ = _infer(port, "sam_med3d_deepedit", params, "image", tmp_path / "label.nii.gz")
         assert status == 200, log.read_text()[-3000:]
+        # what 3D Slicer's auto-segment sends (the app's automatic "_seg" task) and a click request without clicks:
+        # a client error that names the problem, not a server error
+        for model, no_clicks in (("sam_med3d_deepedit_seg", {}), ("sam_med3d_deepedit", {"foreground": [], "background": []})):
+            answer = tmp_path / f"{model}.json"
+            status, _ = _infer(port, model, no_clicks, "image", answer)
+            assert status == 422, (model, status, log.read_text()[-3000:])
+            assert "no click" in answer.read_text(), answer.read_text()
     mask = np.asarray(nib.load(tmp_path / "label.nii.gz").dataobj)
     assert mask[tuple(click)] > 0 and 100 < (mask > 0).sum() < 0.05 * mask.size
 

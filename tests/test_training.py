@@ -66,7 +66,14 @@ def test_one_epoch_through_the_bundle_writes_checkpoints(tmp_path):
         "val_dice_5clicks",
         "val_gain_1_to_5",
     }
-    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+    # one event file for the run (the trainer's and the evaluator's handlers share a writer) with the loss and
+    # the validation Dice after each reported click step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [p for p in tmp_path.iterdir() if p.name.startswith("events.out.tfevents")]
+    assert len(events) == 1, events
+    tags = EventAccumulator(str(events[0])).Reload().Tags()["scalars"]
+    assert {"train_loss", "val_dice_1click", "val_dice_5clicks", "val_gain_1_to_5"} <= set(tags), tags
 
 
 def test_the_model_learns_a_fixed_batch():
