@@ -140,6 +140,30 @@ def test_property_checks_write_nothing_into_the_bundle(package, tmp_path, monkey
     assert after == before, set(after) ^ set(before)
 
 
+def test_ckpt_export_by_tracing_reproduces_the_eager_network(package, tmp_path):
+    """``monai.bundle ckpt_export --use_trace True`` from the packaged bundle (TorchScript scripting is not supported,
+    see the model card): the traced program gives the eager network's logits."""
+    target = tmp_path / "model.ts"
+    command = [sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def", "--use_trace", "True",
+               "--filepath", str(target), "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
+               "--config_file", "configs/inference.json", "--bundle_root", "."]
+    env = dict(os.environ, PYTHONPATH=str(package))
+    result = subprocess.run(command, cwd=package, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    traced = torch.jit.load(str(target))
+    from custom.networks import build_sam_med3d, load_checkpoint
+
+    metadata = json.loads((package / "configs/metadata.json").read_text())
+    eager = build_sam_med3d(metadata["network_name"]).eval()
+    load_checkpoint(eager, package / "models/model.pt")
+    image = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = eager(image), traced(image)
+    expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_mlflow_tracking_with_a_local_store(tmp_path):
     pytest.importorskip("mlflow")
     import mlflow
