@@ -382,6 +382,36 @@ def test_monai_label_serves_the_bundle(package, tmp_path):
     assert not (package / "eval").exists()  # the bundle's own saver is left to MONAI Label's writer
 
 
+def test_the_monai_label_train_task_fine_tunes_the_bundle_and_the_infer_task_uses_it(package, tmp_path):
+    """POST /train through the real server on the sample with its label: one epoch of the bundle's train.json in
+    its own run folder, the kept weights become models/model.pt (the earlier one kept beside it), and the next
+    click request answers with them."""
+    bundle = tmp_path / "sam_med3d"
+    shutil.copytree(package, bundle)
+    studies = _studies(tmp_path)
+    (studies / "labels" / "final").mkdir(parents=True)
+    (studies / "labels" / "final" / SAMPLE.name).write_bytes((BUNDLE / "sample" / "labels" / SAMPLE.name).read_bytes())
+    shipped = (bundle / "models" / "model.pt").read_bytes()
+    conf = {"bundle": str(bundle)}
+    with _monai_label_server(bundle / "monailabel", studies, conf, tmp_path) as (port, log):
+        params = {"max_epochs": 1, "val_split": 0.0, "device": "cpu", "multi_gpu": False, "num_workers": 0}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/train/sam_med3d?run_sync=true",
+            data=json.dumps(params).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        urllib.request.urlopen(request, timeout=900).read()
+        runs = list((bundle / "runs").iterdir())
+        assert len(runs) == 1 and (runs[0] / "model.pt").is_file(), log.read_text()[-3000:]
+        assert (bundle / "models" / "model.pt").read_bytes() == (runs[0] / "model.pt").read_bytes()
+        assert (bundle / "models" / f"model_before_{runs[0].name}.pt").read_bytes() == shipped
+        status, _ = _infer(port, "sam_med3d", {"foreground": [[69, 64, 33]], "background": []}, "json",
+                           tmp_path / "after.json")
+        assert status == 200, log.read_text()[-3000:]
+        assert f"{bundle / 'models' / 'model.pt'}" in log.read_text()
+
+
 def test_the_stock_monaibundle_app_serves_the_bundle_as_deepedit(tmp_path):
     """MONAI Label's own ``monaibundle`` app reads a bundle's type from its folder name only: packaged as
     ``sam_med3d_deepedit`` into the app's ``model/`` folder it is a deepedit (click) model."""

@@ -21,7 +21,9 @@ import copy
 import json
 import logging
 import os
+import shutil
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -249,10 +251,32 @@ class SamMed3DInferTask(BundleInferTask):
 class SamMed3DTrainTask(BundleTrainTask):
     """Fine-tuning with the bundle's ``configs/train.json`` on the studies' labelled images. The bundle loads its
     own starting weights (``pretrained_ckpt``, with its checkpoint conventions), so MONAI Label's extra
-    checkpoint loader is left out."""
+    checkpoint loader is left out. Each request trains into its own folder, ``<bundle>/runs/<time>``; its kept
+    weights then become ``<bundle>/models/model.pt`` (written atomically; the one they replace is kept as
+    ``models/model_before_<time>.pt``), which the infer task loads at its next request, as MONAI Label's
+    active-learning loop expects."""
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
         return None
+
+    def _update_overrides(self, overrides: dict) -> None:
+        self.run_folder = Path(self.bundle_path) / "runs" / time.strftime("%Y%m%d-%H%M%S")
+        overrides["output_dir"] = str(self.run_folder)
+
+    def __call__(self, request, datastore):
+        from custom.files import write_atomic
+
+        self.run_folder = None
+        result = super().__call__(request, datastore)
+        trained = self.run_folder / "model.pt" if self.run_folder is not None else None
+        if trained is None or not trained.is_file():
+            raise RuntimeError(f"training wrote no model.pt into {self.run_folder}: see the log above")
+        shipped = Path(self.bundle_path) / "models" / "model.pt"
+        if shipped.is_file():  # kept, and model.pt never missing for a concurrent request
+            shutil.copy2(shipped, shipped.with_name(f"model_before_{self.run_folder.name}.pt"))
+        write_atomic(shipped, lambda path: shutil.copyfile(trained, path))
+        logger.info(f"trained weights {trained} are now {shipped}")
+        return result
 
 
 def _save_segmentation_class():
