@@ -109,8 +109,8 @@ def inside_folder(root: str | os.PathLike, *parts: str) -> Path:
 
 
 def check_writable_folder(folder: str | os.PathLike) -> Path:
-    """Make sure files can be written in ``folder`` before any work is done, and leave nothing behind: a folder
-    that does not exist yet is created for the check and removed again (a workflow's ``initialize``, which
+    """Make sure files can be written in ``folder`` before any work is done, and leave nothing behind: for a folder
+    that does not exist yet, a uniquely named folder is made and removed where it would be created (a workflow's ``initialize``, which
     ``check_properties`` and ``monai.bundle.load`` also run, then writes nothing); the writers create it when they
     first write (:func:`write_atomic`).
 
@@ -118,20 +118,13 @@ def check_writable_folder(folder: str | os.PathLike) -> Path:
         PermissionError: naming the folder (one line, not the traceback of a write after inference).
     """
     folder = Path(folder)
-    created: list[Path] = []
+    # probe the folder, or where it would be created, under a unique name: ranks of one DDP run check at once
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
-        missing = [p for p in (folder, *folder.parents) if not p.exists()]
-        for path in reversed(missing):
-            path.mkdir()
-            created.append(path)
-        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check.", delete=True)
-        probe.close()
+        if existing == folder:
+            tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check.", delete=True).close()
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-check."))
     except OSError as err:
         raise PermissionError(f"output folder {str(folder)!r} is not writable: {err.strerror or err}") from None
-    finally:
-        for path in reversed(created):
-            try:
-                path.rmdir()
-            except OSError:  # something else wrote there meanwhile: keep it
-                break
     return folder
