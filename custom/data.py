@@ -37,6 +37,8 @@ from monai.data import DataLoader, IterableDataset
 from monai.transforms import apply_transform
 from torch.utils.data import Dataset, Sampler
 
+from .seeding import seed_value, seeded_generator
+
 logger = logging.getLogger(__name__)
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr", ".dcm")
@@ -810,13 +812,13 @@ class EpochSampler(Sampler):
         self.start = max(done, 0) * self.batch_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = seeded_generator(self.seed, self.epoch)
         order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
         total = len(self) * self.num_replicas
         order = torch.cat([order, order[: total - self.size]]) if total > self.size else order
         share = order[self.rank :: self.num_replicas].tolist()
         for position in range(self.start, len(share)):
-            key = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + position * self.num_replicas + self.rank
+            key = seed_value(self.seed, self.epoch, position * self.num_replicas + self.rank)
             yield key % (2**31), share[position]
 
 

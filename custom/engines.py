@@ -16,7 +16,6 @@ import logging
 import os
 import pickle
 import random
-import zlib
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,9 +33,10 @@ from torch import nn
 from .files import check_writable_folder, write_text_atomic
 from .networks.checkpoint import checkpoint_payload, save_atomic
 from .networks.common import as_flag
-from .networks.sam_med3d import upsample_logits
+from .networks.sam_med3d import mask_prompt_logits, upsample_logits
 from .precision import autocast, check_autocast_dtype
 from .prompts import check_click_memory, simulated_click
+from .seeding import seeded_generator
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,12 @@ class InteractiveSegmentation(nn.Module):
             voxels per 256.
         mask_only_weight: the loss weight of a step without a click, relative to a click step's 1 (see
             :meth:`step_weights`).
+        wrong_prior_probability: how often an interaction starts from an earlier mask that wrongly holds a
+            neighbouring region too (:func:`wrong_earlier_mask`), given as the first step's mask prompt as the
+            predictor gives ``set_mask``'s (:func:`~custom.networks.sam_med3d.mask_prompt_logits`): the simulated
+            clicks then include negative ones on that region, so that a negative click learns to remove what an
+            earlier mask holds (issue 26: without it a negative click removed about 40 % of such a region).
+        prior_logit: the magnitude of that mask prompt's logits (the predictor's ``prev_mask_logit``).
     """
 
     def __init__(
@@ -121,8 +127,12 @@ class InteractiveSegmentation(nn.Module):
         detach_previous: bool = False,
         box_probability: float = 0.0,
         mask_only_weight: float = 1.0,
+        wrong_prior_probability: float = 0.0,
+        prior_logit: float = 4.0,
     ) -> None:
         super().__init__()
+        if not 0 <= wrong_prior_probability <= 1:
+            raise ValueError(f"wrong_prior_probability must be in [0, 1], got {wrong_prior_probability}")
         if box_probability > 0 and not getattr(getattr(network, "prompt_encoder", None), "box_prompts", False):
             raise ValueError("box_probability > 0 needs a network built with box_prompts=True (box embeddings)")
         if mask_only_weight < 0:
@@ -136,6 +146,8 @@ class InteractiveSegmentation(nn.Module):
         self.click_protocol = click_protocol
         self.detach_previous = detach_previous
         self.mask_only_weight = float(mask_only_weight)
+        self.wrong_prior_probability = float(wrong_prior_probability)
+        self.prior_logit = float(prior_logit)
 
     def mask_only_steps(self, generator: torch.Generator | None) -> set[int]:
         """The steps of one interaction that pass no click (drawn from ``generator``)."""
@@ -176,6 +188,10 @@ class InteractiveSegmentation(nn.Module):
         prediction = torch.zeros_like(truth)
         mask_only_steps = self.mask_only_steps(generator)
         low_res, outputs = None, []
+        # drawn only when enabled, so that runs without it draw the same clicks as before it existed
+        if self.wrong_prior_probability > 0 and float(torch.rand((), generator=generator)) < self.wrong_prior_probability:
+            prior = torch.stack([wrong_earlier_mask(t, generator) for t in truth])[:, None]
+            low_res = mask_prompt_logits(self.network, prior, embedding.shape[2:], self.prior_logit).to(image.dtype)
         history: list[tuple[torch.Tensor, torch.Tensor]] = []
         clicks = 0
         for step in range(self.num_click_steps):
@@ -201,6 +217,27 @@ class InteractiveSegmentation(nn.Module):
             prediction = logits.detach()[:, 0] > 0
         logits = torch.stack(outputs)
         return (logits, self.step_weights(mask_only_steps)) if return_weights else logits
+
+
+def wrong_earlier_mask(target: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """An earlier mask that holds the target and wrongly a neighbouring region too: ``(D, H, W)`` bool target ->
+    the target united with a copy of it shifted along a random axis, either way, by 50-100 % of its extent there
+    (a neighbouring part of the same shape, such as the other half of a hippocampus); an empty target stays
+    empty."""
+    if not target.any():
+        return target.clone()
+    axis = int(torch.randint(0, 3, (1,), generator=generator))
+    present = torch.nonzero(target.any(dim=tuple(a for a in range(3) if a != axis)))[:, 0]
+    extent = int(present[-1] - present[0]) + 1
+    shift = max(1, round(extent * (0.5 + 0.5 * float(torch.rand((), generator=generator)))))
+    shift = min(shift, target.shape[axis] - 1) * (1 if float(torch.rand((), generator=generator)) < 0.5 else -1)
+    shifted = torch.zeros_like(target)
+    source = [slice(None)] * 3
+    destination = [slice(None)] * 3
+    source[axis] = slice(max(-shift, 0), target.shape[axis] - max(shift, 0))
+    destination[axis] = slice(max(shift, 0), target.shape[axis] - max(-shift, 0))
+    shifted[tuple(destination)] = target[tuple(source)]  # no wrap-around (torch.roll would bring back the far end)
+    return target | shifted
 
 
 def _given_first_clicks(
@@ -257,7 +294,7 @@ class InteractiveTrainingStep:
         if position % self.accumulation_steps == 0:
             engine.optimizer.zero_grad(set_to_none=True)
         engine.network.train()
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        generator = seeded_generator(self.seed, iteration)
         steps = (position + 1) % self.accumulation_steps == 0 or position + 1 == engine.state.epoch_length
         # a micro-step of gradient accumulation under DDP keeps its gradients local: one all-reduce per step
         local = engine.network.no_sync() if not steps and hasattr(engine.network, "no_sync") else nullcontext()
@@ -324,7 +361,7 @@ class ClickValidationStep:
                 values = image[b].as_tensor() if isinstance(image, MetaTensor) else image[b]
                 predictor.set_image(MetaTensor(values.cpu(), affine=affine))
                 truth = (target[b, 0].as_tensor() if isinstance(target, MetaTensor) else target[b, 0]).cpu() > 0.5
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + _item_key(batchdata, b))
+                generator = seeded_generator(self.seed, _item_key(batchdata, b))
                 prediction = torch.zeros_like(truth)
                 for click_index in range(1, self.report_clicks[-1] + 1):
                     click = simulated_click(self.protocol, prediction, truth, click_index, generator)
@@ -354,15 +391,15 @@ def metric_difference(later: Any, earlier: Any) -> Any:
     return MetricsLambda(lambda a, b: float(a) - float(b), later, earlier)
 
 
-def _item_key(batchdata: dict, b: int) -> int:
-    """A number that identifies item ``b`` of a batch by its case and class (its position if it has neither)."""
+def _item_key(batchdata: dict, b: int) -> int | str:
+    """A key (:func:`custom.seeding.seed_value`) that identifies item ``b`` of a batch by its case and class (its position if it has neither)."""
     case = batchdata.get("case")
     target = batchdata.get("target_class")
     if case is None:
         return b
     name = case[b] if isinstance(case, (list, tuple)) else str(case)
     value = int(target[b]) if target is not None else 0
-    return zlib.crc32(f"{name}/{value}".encode())
+    return f"{name}/{value}"
 
 
 def parameter_groups(network: nn.Module, lr: float, decoder_lr_factor: float = 0.1) -> list[dict]:

@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import time
-import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from .files import append_line_durably, write_atomic, write_text_atomic
 from .inferer import PromptedInferer
 from .networks.common import as_flag
 from .prompts import simulated_click
+from .seeding import seeded_generator
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class ClickEvaluationStep:
         self.no_box_classes = {int(c) for c in no_box_classes}
 
     def click_generator(self, case: str, target_class: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(f"{case}/{target_class}".encode()))
+        return seeded_generator(self.seed, f"{case}/{target_class}")
 
     def __call__(self, engine, batchdata: Mapping[str, Any]) -> dict[str, list]:
         case = batchdata["case"][0] if "case" in batchdata else "case"

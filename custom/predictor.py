@@ -28,13 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.data.utils import compute_importance_map
 from monai.transforms import Orientation
 
 from .networks.prompt_encoder import BOX_MAX, BOX_MIN
-from .networks.sam_med3d import LOW_RES_UPSCALE, upsample_logits
+from .networks.sam_med3d import mask_prompt_logits, upsample_logits
 from .precision import autocast, check_autocast_dtype
 from .prompts import CLICK_MEMORIES, check_click_memory, deepest_point, prompt_points
 from .spacing import AxisAlignedSpacingd, NetworkGrid
@@ -472,9 +471,8 @@ class VolumetricPredictor:
         if mask_input is None and obj.prior is not None:
             prior = extract_window(obj.prior[None], window.start, self.size)
             if prior.any():
-                size = _logits_size(self.network, embedding.shape[2:])
-                fraction = F.interpolate(prior[None].float(), size=size, mode="area")
-                mask_input = ((2 * fraction - 1) * self.prev_mask_logit).to(self.device)
+                grid = embedding.shape[2:]
+                mask_input = mask_prompt_logits(self.network, prior[None], grid, self.prev_mask_logit).to(self.device)
         coords, labels = prompt_points(window.prompts, self.click_memory)
         with torch.no_grad(), autocast(self.device, self.autocast_dtype):
             low_res, _ = self.network.decode(
@@ -524,13 +522,6 @@ class VolumetricPredictor:
             blended = self._blend(obj, box)
             if blended is not None:
                 self.grid.paste(blended[0] > 0, box, obj.mask)
-
-
-def _logits_size(network: torch.nn.Module, grid: Sequence[int]) -> list[int]:
-    """The spatial size of the network's logits for an embedding grid (4x it for SAM's low-res logits)."""
-    if hasattr(network, "logits_size"):
-        return list(network.logits_size(tuple(grid)))
-    return [LOW_RES_UPSCALE * g for g in grid]
 
 
 def _pad_to_window(region: torch.Tensor, box: Box, start: Sequence[int], size: int) -> torch.Tensor:

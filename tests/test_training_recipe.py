@@ -10,7 +10,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, RandFlipd, ResizeWithPadOrCropd
 
-from custom.engines import InteractiveSegmentation, mean_of_metrics, metric_difference
+from custom.engines import InteractiveSegmentation, mean_of_metrics, metric_difference, wrong_earlier_mask
 from custom.spacing import AxisAlignedSpacingd
 from custom.transforms import CropAroundClickd, WorldPointToVoxeld
 
@@ -102,12 +102,17 @@ class _Spy(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.calls = []
+        self.mask_inputs = []
 
     def encode(self, image):
         return image
 
+    def logits_size(self, grid):
+        return list(grid)  # full-resolution logits, as the shipped variant's
+
     def decode(self, embedding, coords, labels, mask_input=None):
         self.calls.append((None if coords is None else coords.clone(), None if labels is None else labels.clone()))
+        self.mask_inputs.append(None if mask_input is None else mask_input.clone())
         b, _, *size = embedding.shape
         logits = torch.full((b, 1, *size), -5.0) + self.weight if mask_input is None else mask_input
         return logits, None
@@ -128,6 +133,53 @@ def test_the_given_first_click_is_the_interactions_first_and_all_clicks_are_kept
     assert target[1, 0][tuple(coords[1, 0].long().tolist())] == 1  # a click drawn on the target
     assert [c.shape[1] for c, _ in spy.calls] == [1, 2, 3, 4]  # every click so far, every step
     assert torch.allclose(weights, torch.full((4,), 0.25))
+
+
+def _span(mask: torch.Tensor, axis: int) -> tuple[int, int]:
+    present = torch.nonzero(mask.any(dim=tuple(b for b in range(3) if b != axis)))[:, 0]
+    return int(present[0]), int(present[-1]) + 1
+
+
+def test_a_wrong_earlier_mask_holds_the_target_and_a_shifted_neighbour_without_wrapping_around():
+    target = torch.zeros(24, 20, 16, dtype=torch.bool)
+    target[2:10, 5:9, 4:8] = True  # extents 8, 4, 4; near the low end of axis 0
+    directions = set()
+    for seed in range(40):
+        mask = wrong_earlier_mask(target, torch.Generator().manual_seed(seed))
+        assert torch.equal(mask & target, target) and (mask & ~target).any()
+        assert (mask & ~target).sum() <= target.sum()  # nothing wraps around from the far end
+        moved = [a for a in range(3) if _span(mask, a) != _span(target, a)]
+        assert len(moved) == 1, moved  # along one axis only
+        axis = moved[0]
+        (lo, hi), (union_lo, union_hi) = _span(target, axis), _span(mask, axis)
+        shift = union_hi - hi if union_hi > hi else union_lo - lo
+        clipped = union_lo == 0 or union_hi == target.shape[axis]
+        assert abs(shift) <= hi - lo and (clipped or abs(shift) >= (hi - lo) / 2), (seed, axis, shift)
+        directions.add((axis, shift > 0))
+    assert len(directions) == 6  # every axis, both ways
+    assert not wrong_earlier_mask(torch.zeros(8, 8, 8, dtype=torch.bool), torch.Generator()).any()
+
+
+def test_an_interaction_from_a_wrong_earlier_mask_gets_it_as_mask_prompt_and_a_negative_click_on_the_wrong_part():
+    spy = _Spy()  # answers a mask prompt with itself: the wrong part stays until a click is answered
+    model = InteractiveSegmentation(
+        spy, num_click_steps=2, mask_only_step_range=None, last_step_mask_only=False, wrong_prior_probability=1.0
+    )
+    target = torch.zeros(1, 1, 24, 24, 24)
+    target[:, :, 8:16, 8:16, 8:16] = 1
+    model(torch.zeros(1, 1, 24, 24, 24), target, torch.Generator().manual_seed(3))
+    prior = spy.mask_inputs[0][0, 0]
+    truth = target[0, 0] > 0
+    assert torch.all(prior[truth] == 4.0) and (prior[~truth] == 4.0).any() and (prior == -4.0).any()
+    coords, labels = spy.calls[1]
+    assert labels[0, -1] == 0  # the second click is negative ...
+    voxel = tuple(coords[0, -1].long().tolist())
+    assert not truth[voxel] and prior[voxel] > 0  # ... on the wrongly held part
+    plain = _Spy()
+    InteractiveSegmentation(plain, num_click_steps=2, mask_only_step_range=None, last_step_mask_only=False)(
+        torch.zeros(1, 1, 24, 24, 24), target, torch.Generator().manual_seed(3)
+    )
+    assert plain.mask_inputs[0] is None  # off by default: the interaction starts from nothing
 
 
 def test_mask_only_steps_weigh_what_they_are_given():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,6 +103,16 @@ class SamMed3D(nn.Module):
         """Encode, decode one prompt step, and upsample: ``(B, 1, D, H, W)`` -> logits ``(B, 1, D, H, W)``."""
         low_res, _ = self.decode(self.encode(image), point_coords, point_labels, mask_input)
         return upsample_logits(low_res, image.shape[2:])
+
+
+def mask_prompt_logits(network: nn.Module, mask: torch.Tensor, grid: Sequence[int], logit: float) -> torch.Tensor:
+    """An earlier binary mask as the network's mask prompt: ``(B, 1, D, H, W)`` on the window -> logits of
+    magnitude ``logit`` at the network's logits size for an embedding ``grid`` (``(B, 1, *size)``, area-averaged,
+    so a partly covered cell gets a smaller logit). One definition for the predictor's ``set_mask`` and
+    training's wrong earlier masks."""
+    size = network.logits_size(tuple(grid)) if hasattr(network, "logits_size") else [LOW_RES_UPSCALE * g for g in grid]
+    fraction = F.interpolate(mask.float(), size=list(size), mode="area")
+    return (2 * fraction - 1) * logit
 
 
 def upsample_logits(low_res_logits: torch.Tensor, size: torch.Size | tuple[int, ...]) -> torch.Tensor:
