@@ -35,7 +35,7 @@ from .networks.checkpoint import checkpoint_payload, save_atomic
 from .networks.common import as_flag
 from .networks.sam_med3d import mask_prompt_logits, upsample_logits
 from .precision import autocast, check_autocast_dtype
-from .prompts import check_click_memory, simulated_click
+from .prompts import check_click_memory, mask_box, simulated_click
 from .seeding import seeded_generator
 
 logger = logging.getLogger(__name__)
@@ -75,10 +75,10 @@ def simulate_boxes(target: torch.Tensor, generator: torch.Generator | None) -> t
         if not target[i].any():
             continue
         if float(torch.rand((), generator=generator)) < 0.5:
-            present = torch.nonzero(target[i]).float()
+            first, last = torch.tensor(mask_box(target[i].cpu()), dtype=torch.float32).T - torch.tensor([[0.0], [1.0]])
             spread = torch.rand(2, 3, generator=generator) * 0.05 * torch.tensor(size, dtype=torch.float32)
-            low = (present.min(0).values.cpu() - spread[0]).clamp(min=0)
-            high = torch.minimum(present.max(0).values.cpu() + spread[1], torch.tensor(size, dtype=torch.float32) - 1)
+            low = (first - spread[0]).clamp(min=0)
+            high = torch.minimum(last + spread[1], torch.tensor(size, dtype=torch.float32) - 1)
         else:
             widen = int(torch.randint(0, round(6 * max(size) / 256) + 1, (1,), generator=generator))
             # training windows are RAS-oriented: the axial axis is the last
@@ -189,7 +189,10 @@ class InteractiveSegmentation(nn.Module):
         mask_only_steps = self.mask_only_steps(generator)
         low_res, outputs = None, []
         # drawn only when enabled, so that runs without it draw the same clicks as before it existed
-        if self.wrong_prior_probability > 0 and float(torch.rand((), generator=generator)) < self.wrong_prior_probability:
+        if (
+            self.wrong_prior_probability > 0
+            and float(torch.rand((), generator=generator)) < self.wrong_prior_probability
+        ):
             prior = torch.stack([wrong_earlier_mask(t, generator) for t in truth])[:, None]
             low_res = mask_prompt_logits(self.network, prior, embedding.shape[2:], self.prior_logit).to(image.dtype)
         history: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -227,8 +230,8 @@ def wrong_earlier_mask(target: torch.Tensor, generator: torch.Generator | None) 
     if not target.any():
         return target.clone()
     axis = int(torch.randint(0, 3, (1,), generator=generator))
-    present = torch.nonzero(target.any(dim=tuple(a for a in range(3) if a != axis)))[:, 0]
-    extent = int(present[-1] - present[0]) + 1
+    lo, hi = mask_box(target)[axis]
+    extent = hi - lo
     shift = max(1, round(extent * (0.5 + 0.5 * float(torch.rand((), generator=generator)))))
     shift = min(shift, target.shape[axis] - 1) * (1 if float(torch.rand((), generator=generator)) < 0.5 else -1)
     shifted = torch.zeros_like(target)
@@ -392,7 +395,8 @@ def metric_difference(later: Any, earlier: Any) -> Any:
 
 
 def _item_key(batchdata: dict, b: int) -> int | str:
-    """A key (:func:`custom.seeding.seed_value`) that identifies item ``b`` of a batch by its case and class (its position if it has neither)."""
+    """A key (:func:`custom.seeding.seed_value`) that identifies item ``b`` of a batch by its case and class (its
+    position if it has neither)."""
     case = batchdata.get("case")
     target = batchdata.get("target_class")
     if case is None:

@@ -34,7 +34,7 @@ from scipy import ndimage
 from .files import append_line_durably, write_atomic, write_text_atomic
 from .inferer import PromptedInferer
 from .networks.common import as_flag
-from .prompts import simulated_click
+from .prompts import mask_box, simulated_click
 from .seeding import seeded_generator
 
 logger = logging.getLogger(__name__)
@@ -47,14 +47,8 @@ def _foreground_box(*masks: torch.Tensor, margin: int = 1) -> tuple[slice, ...] 
     union = masks[0].clone()
     for mask in masks[1:]:
         union |= mask
-    if not union.any():
-        return None
-    box = []
-    for axis in range(union.ndim):
-        others = tuple(a for a in range(union.ndim) if a != axis)
-        present = torch.nonzero(union.any(dim=others))[:, 0]
-        box.append(slice(max(int(present[0]) - margin, 0), int(present[-1]) + 1 + margin))
-    return tuple(box)
+    box = mask_box(union, margin)
+    return None if box is None else tuple(slice(lo, hi) for lo, hi in box)
 
 
 def _union_box(

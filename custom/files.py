@@ -110,9 +110,9 @@ def inside_folder(root: str | os.PathLike, *parts: str) -> Path:
 
 def check_writable_folder(folder: str | os.PathLike) -> Path:
     """Make sure files can be written in ``folder`` before any work is done, and leave nothing behind: for a folder
-    that does not exist yet, a uniquely named folder is made and removed where it would be created (a workflow's ``initialize``, which
-    ``check_properties`` and ``monai.bundle.load`` also run, then writes nothing); the writers create it when they
-    first write (:func:`write_atomic`).
+    that does not exist yet, a uniquely named folder is made and removed where it would be created (a workflow's
+    ``initialize``, which ``check_properties`` and ``monai.bundle.load`` also run, then writes nothing); the
+    writers create it when they first write (:func:`write_atomic`).
 
     Raises:
         PermissionError: naming the folder (one line, not the traceback of a write after inference).

@@ -320,9 +320,7 @@ class PromptedInferer(Inferer):
                             point_coords[b, index][valid].tolist(), point_labels[b, index][valid].tolist()
                         )
                     ]
-                    mask_signature = (
-                        None if earlier is None else hashlib.sha1(earlier.numpy().tobytes()).hexdigest()
-                    )
+                    mask_signature = None if earlier is None else hashlib.sha1(earlier.numpy().tobytes()).hexdigest()
                     before = kept.applied.get(label)
                     new = _added(before[2], clicks) if before and before[:2] == (mask_signature, box) else None
                     if new is None:  # a first request, or clicks taken back: start the object again

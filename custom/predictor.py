@@ -35,7 +35,7 @@ from monai.transforms import Orientation
 from .networks.prompt_encoder import BOX_MAX, BOX_MIN
 from .networks.sam_med3d import mask_prompt_logits, upsample_logits
 from .precision import autocast, check_autocast_dtype
-from .prompts import CLICK_MEMORIES, check_click_memory, deepest_point, prompt_points
+from .prompts import CLICK_MEMORIES, check_click_memory, deepest_point, mask_box, prompt_points
 from .spacing import AxisAlignedSpacingd, NetworkGrid
 from .transforms import extract_window, load_volume, normalize_crop
 
@@ -215,10 +215,10 @@ class VolumetricPredictor:
         if not contested.any():
             return out
         # only the box of the contested voxels needs the objects' logits on the stored grid
-        where = torch.nonzero(contested)
-        origin, end = where.min(0).values.tolist(), (where.max(0).values + 1).tolist()
-        crop = tuple(slice(lo, hi) for lo, hi in zip(origin, end))
-        best = torch.full([hi - lo for lo, hi in zip(origin, end)], -torch.inf)
+        contested_box = mask_box(contested)
+        origin = [lo for lo, _ in contested_box]
+        crop = tuple(slice(lo, hi) for lo, hi in contested_box)
+        best = torch.full([hi - lo for lo, hi in contested_box], -torch.inf)
         winner = out[crop].clone()
         for key, label in keys_and_labels:
             obj = self._object(key)
@@ -246,8 +246,7 @@ class VolumetricPredictor:
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the image's {grid.stored_shape}")
         obj = self._object(key)
         obj.mask = mask.clone()
-        present = [torch.nonzero(mask.any(dim=tuple(b for b in range(3) if b != a)))[:, 0] for a in range(3)]
-        obj.prior_box = [(int(p[0]), int(p[-1]) + 1) for p in present] if mask.any() else None
+        obj.prior_box = mask_box(mask)
         meta = MetaTensor(mask[None].to(torch.uint8), affine=torch.as_tensor(grid.stored_affine))
         oriented = Orientation(axcodes="RAS", labels=None)(meta)
         resampled = AxisAlignedSpacingd("mask", self.spacing_mm, mode="nearest")({"mask": oriented})["mask"]

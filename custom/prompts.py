@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms.utils import generate_spatial_bounding_box
 from scipy import ndimage
 
 #: What each prompt step of a window is given besides the previous logits: ``"all"``, every click so far (what
@@ -58,6 +59,19 @@ def box_from_challenge(box: Mapping[str, float], axial_axis: int = 0) -> tuple[l
     return [low[order.index(a)] for a in range(3)], [high[order.index(a)] for a in range(3)]
 
 
+def mask_box(mask: torch.Tensor | np.ndarray, margin: int | Sequence[int] = 0) -> list[tuple[int, int]] | None:
+    """The bounding box ``[lo, hi)`` per axis of a binary mask of any dimension (MONAI's
+    ``generate_spatial_bounding_box``), widened by ``margin`` voxels (one number, or one per axis) within the
+    mask's shape; None if empty."""
+    if not mask.any():
+        return None
+    start, end = generate_spatial_bounding_box(mask[None])
+    margins = np.broadcast_to(np.asarray(margin, dtype=np.int64), (len(start),))
+    return [
+        (max(int(lo) - int(m), 0), min(int(hi) + int(m), n)) for lo, hi, m, n in zip(start, end, margins, mask.shape)
+    ]
+
+
 def challenge_box(target: torch.Tensor, margin: int = 0, axial_axis: int = 0) -> dict[str, int] | None:
     """The challenge's box of a 3D ground truth: the z range of the target (z: array axis ``axial_axis``, 0 in
     the challenge's (D, H, W) arrays), and on its middle foreground slice the 2D bounding box widened by ``margin``
@@ -68,16 +82,15 @@ def challenge_box(target: torch.Tensor, margin: int = 0, axial_axis: int = 0) ->
         return None
     z_min, z_max = int(slices[0]), int(slices[-1])
     z_mid = int(slices[len(slices) // 2])
-    ys, xs = np.nonzero(array[z_mid])
-    h, w = array.shape[1:]
+    (y_lo, y_hi), (x_lo, x_hi) = mask_box(array[z_mid], margin)
     return {
         "z_min": z_min,
         "z_max": z_max,
         "z_mid": z_mid,
-        "z_mid_x_min": max(int(xs.min()) - margin, 0),
-        "z_mid_y_min": max(int(ys.min()) - margin, 0),
-        "z_mid_x_max": min(int(xs.max()) + margin, w - 1),
-        "z_mid_y_max": min(int(ys.max()) + margin, h - 1),
+        "z_mid_x_min": x_lo,
+        "z_mid_y_min": y_lo,
+        "z_mid_x_max": x_hi - 1,
+        "z_mid_y_max": y_hi - 1,
     }
 
 
@@ -179,9 +192,7 @@ def largest_error_click(
     sizes = np.bincount(components.ravel())[1:]
     component = components == int(np.argmax(sizes)) + 1
     box = []
-    for axis, extent in enumerate(component.shape):
-        present = np.nonzero(component.any(axis=tuple(a for a in range(3) if a != axis)))[0]
-        lo, hi = int(present[0]), int(present[-1]) + 1
+    for (lo, hi), extent in zip(mask_box(component), component.shape):
         pad = max(int(round(0.25 * (hi - lo))), 1)
         box.append(slice(max(lo - pad, 0), min(hi + pad, extent)))
     distance = ndimage.distance_transform_edt(component[tuple(box)])

@@ -29,6 +29,7 @@ from monai.transforms import LoadImage, LoadImaged, MapTransform, Randomizable
 
 from .data import CaseError, case_name, missing_prompt_error, safe_name
 from .files import inside_folder, write_atomic, write_text_atomic
+from .prompts import mask_box
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,8 @@ def _check_spacing(path: str, spacing: Sequence[float], where: str) -> None:
     for axis, size in enumerate(spacing):
         if not np.isfinite(size) or size <= 0:
             raise CaseError(
-                f"{path}: the voxel size along array axis {axis} is {size} ({where.format(index=axis + 1)}): the scan's "
-                "true spacing is unknown (a reader would take 1 mm); write the real voxel size into the header"
+                f"{path}: the voxel size along array axis {axis} is {size} ({where.format(index=axis + 1)}): the "
+                "scan's true spacing is unknown (a reader would take 1 mm); write the real voxel size into the header"
             )
 
 
@@ -1348,10 +1349,10 @@ class CropAroundTargetd(MapTransform, Randomizable):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         label = d[self.label_key]
-        foreground = torch.nonzero(torch.as_tensor(label)[0] > 0)
-        if len(foreground) == 0:
+        box = mask_box(torch.as_tensor(label)[0] > 0)
+        if box is None:
             raise ValueError(f"{_source_name(label)}: the selected target has no voxel")
-        centre = (foreground.min(0).values + foreground.max(0).values).double().numpy() / 2
+        centre = np.array([(lo + hi - 1) / 2 for lo, hi in box], dtype=np.float64)
         centre = centre + self.R.uniform(-self.jitter_mm, self.jitter_mm, 3) / _voxel_size(label)
         _crop_around(d, list(self.key_iterator(d)), centre, self.roi_size, self.spacing_mm)
         return d

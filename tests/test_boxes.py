@@ -224,3 +224,23 @@ def test_a_box_variant_fine_tunes_from_released_kind_weights_and_a_mismatch_name
         with_checkpoint(build_sam_med3d("sam_med3d_tiny", **small), tmp_path / "boxed.pt")
     with pytest.raises(ValueError, match="box_corner_embeddings"):
         with_checkpoint(build_sam_med3d("sam_med3d_tiny", box_prompts=True, **small), tmp_path / "plain.pt")
+
+
+def test_mask_box_is_the_bounding_box_of_the_voxels_widened_within_the_shape():
+    from custom.prompts import mask_box
+
+    rng = np.random.default_rng(0)
+    for shape, margin in [((9, 11, 13), 0), ((9, 11, 13), 2), ((7, 5), 3), ((6, 8, 10), (1, 0, 4))]:
+        mask = np.zeros(shape, bool)
+        points = [tuple(rng.integers(0, n) for n in shape) for _ in range(3)]
+        for point in points:
+            mask[point] = True
+        present = np.argwhere(mask)
+        margins = np.broadcast_to(margin, (len(shape),))
+        expected = [
+            (max(int(present[:, a].min()) - int(m), 0), min(int(present[:, a].max()) + 1 + int(m), n))
+            for a, (m, n) in enumerate(zip(margins, shape))
+        ]
+        assert mask_box(mask, margin) == expected
+        assert mask_box(torch.as_tensor(mask), margin) == expected
+    assert mask_box(np.zeros((4, 4, 4), bool)) is None

@@ -28,8 +28,11 @@ def _ct_dataset(root: Path) -> Path:
     affine[:3, 3] = (-10, 5, 7)
     nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / "ct_1.nii.gz")
     nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / "ct_1.nii.gz")
-    meta = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "cube"},
-            "training": [{"image": "imagesTr/ct_1.nii.gz", "label": "labelsTr/ct_1.nii.gz"}]}
+    meta = {
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "cube"},
+        "training": [{"image": "imagesTr/ct_1.nii.gz", "label": "labelsTr/ct_1.nii.gz"}],
+    }
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
 
@@ -37,8 +40,16 @@ def _ct_dataset(root: Path) -> Path:
 def test_the_compact_copy_keeps_geometry_labels_and_intensities_within_half_a_step(tmp_path):
     src = _ct_dataset(tmp_path / "src")
     subprocess.run(
-        [sys.executable, str(BUNDLE / "scripts/compact_dataset.py"), "--src", str(src), "--dst", str(tmp_path / "dst"),
-         "--margin_mm", "10"],
+        [
+            sys.executable,
+            str(BUNDLE / "scripts/compact_dataset.py"),
+            "--src",
+            str(src),
+            "--dst",
+            str(tmp_path / "dst"),
+            "--margin_mm",
+            "10",
+        ],
         check=True,
     )
     copy = json.loads((tmp_path / "dst" / "dataset.json").read_text())
@@ -75,8 +86,15 @@ def test_a_time_boxed_run_fits_its_schedule_to_the_budget_and_keeps_the_best(tmp
 
     out = tmp_path / "run"
     history = train_for(
-        seconds=10, output_dir=str(out), calibration_iterations=2, validate_every_s=3, clock=_StepClock(1.0),
-        datalist=str(SAMPLE / "dataset.json"), val_max_targets=2, num_workers=0, progress_bar=False,
+        seconds=10,
+        output_dir=str(out),
+        calibration_iterations=2,
+        validate_every_s=3,
+        clock=_StepClock(1.0),
+        datalist=str(SAMPLE / "dataset.json"),
+        val_max_targets=2,
+        num_workers=0,
+        progress_bar=False,
     )
     assert json.loads((out / "history.json").read_text()) == history
     assert len(history) >= 2, history  # at least one timed validation and the final one

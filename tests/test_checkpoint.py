@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import argparse
+import json
 import subprocess
 import sys
 from collections import OrderedDict
@@ -267,7 +266,14 @@ def test_convert_writes_a_bare_model_and_prints_its_conventions(tmp_path):
     torch.save(checkpoint_payload(trained), src)
     dst = tmp_path / "bundle" / "models" / "model.pt"
     dst.parent.mkdir(parents=True)
-    cmd = [sys.executable, str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"), "--src", str(src), "--dst", str(dst)]
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"),
+        "--src",
+        str(src),
+        "--dst",
+        str(dst),
+    ]
     cmd += ["--network_name", "sam_med3d_lite_fullres_clickmaps", "--dtype", "float16", "--bare", "True"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -144,9 +143,26 @@ def test_ckpt_export_by_tracing_reproduces_the_eager_network(package, tmp_path):
     """``monai.bundle ckpt_export --use_trace True`` from the packaged bundle (TorchScript scripting is not supported,
     see the model card): the traced program gives the eager network's logits."""
     target = tmp_path / "model.ts"
-    command = [sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def", "--use_trace", "True",
-               "--filepath", str(target), "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
-               "--config_file", "configs/inference.json", "--bundle_root", "."]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "ckpt_export",
+        "--net_id",
+        "network_def",
+        "--use_trace",
+        "True",
+        "--filepath",
+        str(target),
+        "--ckpt_file",
+        "models/model.pt",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        ".",
+    ]
     env = dict(os.environ, PYTHONPATH=str(package))
     result = subprocess.run(command, cwd=package, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -406,8 +422,9 @@ def test_the_monai_label_train_task_fine_tunes_the_bundle_and_the_infer_task_use
         assert len(runs) == 1 and (runs[0] / "model.pt").is_file(), log.read_text()[-3000:]
         assert (bundle / "models" / "model.pt").read_bytes() == (runs[0] / "model.pt").read_bytes()
         assert (bundle / "models" / f"model_before_{runs[0].name}.pt").read_bytes() == shipped
-        status, _ = _infer(port, "sam_med3d", {"foreground": [[69, 64, 33]], "background": []}, "json",
-                           tmp_path / "after.json")
+        status, _ = _infer(
+            port, "sam_med3d", {"foreground": [[69, 64, 33]], "background": []}, "json", tmp_path / "after.json"
+        )
         assert status == 200, log.read_text()[-3000:]
         assert f"{bundle / 'models' / 'model.pt'}" in log.read_text()
 
@@ -432,7 +449,10 @@ def test_the_stock_monaibundle_app_serves_the_bundle_as_deepedit(tmp_path):
         assert status == 200, log.read_text()[-3000:]
         # what 3D Slicer's auto-segment sends (the app's automatic "_seg" task) and a click request without clicks:
         # a client error that names the problem, not a server error
-        for model, no_clicks in (("sam_med3d_deepedit_seg", {}), ("sam_med3d_deepedit", {"foreground": [], "background": []})):
+        for model, no_clicks in (
+            ("sam_med3d_deepedit_seg", {}),
+            ("sam_med3d_deepedit", {"foreground": [], "background": []}),
+        ):
             answer = tmp_path / f"{model}.json"
             status, _ = _infer(port, model, no_clicks, "image", answer)
             assert status == 422, (model, status, log.read_text()[-3000:])

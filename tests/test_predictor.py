@@ -6,12 +6,11 @@ from __future__ import annotations
 import csv
 import json
 
-from conftest import REPO_ROOT
-
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 from monai.data import MetaTensor
 from test_evaluation import _blobs, _dataset, evaluate
 from test_inference import ThresholdNetwork, bright, read_output, run_inference
@@ -173,7 +172,9 @@ def test_inference_report_counts_the_work(tmp_path):
     entry = {"image": str(path), "points": [[10, 12, 9], [12, 12, 9]], "point_labels": [1, 0]}
     _, _, report = read_output(run_inference(tmp_path, CountingNetwork(), input_dict=entry), "one")
     assert report["objects"][0]["prompt_steps"] == 2 and report["objects"][0]["windows_encoded"] == 1
-    assert report["click_memory"] == json.loads((REPO_ROOT / "bundle/configs/inference.json").read_text())["click_memory"] and json.dumps(report)
+    assert report["click_memory"] == json.loads((REPO_ROOT / "bundle/configs/inference.json").read_text())[
+        "click_memory"
+    ] and json.dumps(report)
 
 
 class ConeNetwork(ThresholdNetwork):

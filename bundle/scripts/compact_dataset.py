@@ -44,6 +44,7 @@ def compact_dataset(
 
     from custom.data import load_training_datalist
     from custom.files import write_atomic, write_text_atomic
+    from custom.prompts import mask_box
 
     Opener.default_compresslevel = int(compresslevel)
     source, target = Path(src), Path(dst)
@@ -62,13 +63,11 @@ def compact_dataset(
         for entry in entries:
             image, label = nib.load(entry["image"]), nib.load(entry["label"])
             labels = np.asarray(label.dataobj)
-            present = np.argwhere(labels > 0)
-            if present.size == 0:
-                raise ValueError(f"{entry['label']}: no labelled voxel, nothing to crop around")
             margin = np.ceil(margin_mm / np.asarray(image.header.get_zooms()[:3], dtype=float)).astype(int)
-            low = np.maximum(present.min(0) - margin, 0)
-            high = np.minimum(present.max(0) + margin + 1, labels.shape)
-            crop = tuple(slice(a, b) for a, b in zip(low, high))
+            box = mask_box(labels > 0, margin)
+            if box is None:
+                raise ValueError(f"{entry['label']}: no labelled voxel, nothing to crop around")
+            crop = tuple(slice(a, b) for a, b in box)
             image, label = image.slicer[crop], label.slicer[crop]
             values, slope = quantise(np.asarray(image.dataobj, dtype=np.float32), is_ct)
             name = Path(entry["image"]).name
