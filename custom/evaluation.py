@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.metrics import compute_surface_dice
 from scipy import ndimage
 
@@ -150,7 +151,7 @@ class ClickEvaluationStep:
     def evaluate_case(self, network, batchdata: Mapping[str, Any], case: str) -> list[dict[str, Any]]:
         image, label = batchdata["image"][0], batchdata["label"][0]
         truth_map = torch.as_tensor(label.as_tensor() if isinstance(label, MetaTensor) else label)[0]
-        spacing = np.sqrt((np.asarray(label.affine)[:3, :3] ** 2).sum(axis=0))
+        spacing = affine_to_spacing(np.asarray(label.affine, np.float64))
         classes = batchdata.get("classes")
         classes = [int(c) for c in classes] if classes is not None else [int(c) for c in truth_map.unique() if c > 0]
         pending = [c for c in classes if self.report is None or not self.report.is_done(case, c)]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.data.utils import compute_importance_map
+from monai.data.utils import affine_to_spacing, compute_importance_map
 from monai.transforms import Orientation
 
 from .networks.prompt_encoder import BOX_MAX, BOX_MIN
@@ -164,7 +164,7 @@ class VolumetricPredictor:
             source = stored.meta.get("filename_or_obj", "the image")
             raise ValueError(
                 f"{source}: resampling its {tuple(stored.shape[1:])} voxels of "
-                f"{np.round(np.sqrt((stored.affine.numpy()[:3, :3] ** 2).sum(0)), 3).tolist()} mm to "
+                f"{np.round(affine_to_spacing(stored.affine.numpy()), 3).tolist()} mm to "
                 f"{list(self.spacing_mm)} mm makes a {tuple(network_shape)} grid ({voxels:,} voxels, "
                 f"{voxels * 4 / 2**30:.1f} GiB as float32), above max_grid_voxels={self.max_grid_voxels:,}; "
                 "check the header's voxel size, or raise the limit"

@@ -14,6 +14,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data.utils import affine_to_spacing
 
 from .files import write_atomic
 from .labels import LabelTable
@@ -71,7 +72,7 @@ def render_preview(
     volume = nib.orientations.apply_orientation(_array(image).astype(np.float32), ornt)
     mask = nib.orientations.apply_orientation(_array(label_map).astype(np.int64), ornt)
     spacing = np.empty(3)
-    spacing[ornt[:, 0].astype(int)] = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing[ornt[:, 0].astype(int)] = affine_to_spacing(np.asarray(affine, np.float64))
     shape = np.asarray(volume.shape)
 
     stored = np.asarray(_array(image).shape)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import ITKReader, MetaTensor
-from monai.data.utils import compute_shape_offset, zoom_affine
+from monai.data.utils import affine_to_spacing, compute_shape_offset, zoom_affine
 from monai.transforms import LoadImage, LoadImaged, MapTransform, Randomizable
 
 from .data import CaseError, case_name, missing_prompt_error, safe_name
@@ -975,7 +975,7 @@ def _write_nrrd(label_map: torch.Tensor, path: str | os.PathLike) -> None:
 
     values = np.asarray(label_map.detach().cpu() if isinstance(label_map, torch.Tensor) else label_map)[0]
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ _affine(label_map)  # MONAI's affines are RAS, ITK's LPS
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    spacing = affine_to_spacing(lps)
     image = itk.image_from_array(np.ascontiguousarray(values.astype(np.int16).transpose(2, 1, 0)))  # ITK: z, y, x
     image.SetSpacing(spacing.tolist())
     image.SetOrigin(lps[:3, 3].tolist())
@@ -1302,7 +1302,7 @@ def _crop_around(d: dict, keys: Sequence[Hashable], centre: np.ndarray, roi_size
     once resampled, centred on ``centre`` (voxel indices of that grid); outside the image is zero-padded and the
     affine updated, so that ``Spacingd`` and ``ResizeWithPadOrCropd(roi_size)`` finish the window."""
     first = d[keys[0]]
-    pixdim = np.sqrt((np.asarray(first.affine)[:3, :3] ** 2).sum(axis=0))
+    pixdim = affine_to_spacing(np.asarray(first.affine, np.float64))
     sizes = np.ceil(roi_size * spacing_mm / pixdim).astype(int) + 2
     start = np.round(centre - sizes / 2).astype(int)
     for key in keys:
@@ -1311,10 +1311,6 @@ def _crop_around(d: dict, keys: Sequence[Hashable], centre: np.ndarray, roi_size
         affine[:3, 3] = affine[:3, :3] @ torch.as_tensor(start, dtype=torch.float64) + affine[:3, 3]
         crop = extract_window(image, start.tolist(), sizes.tolist())
         d[key] = MetaTensor(crop, affine=affine, meta={k: v for k, v in image.meta.items() if k != "affine"})
-
-
-def _voxel_size(image: Any) -> np.ndarray:
-    return np.sqrt((np.asarray(image.affine)[:3, :3] ** 2).sum(axis=0))
 
 
 class CropAroundTargetd(MapTransform, Randomizable):
@@ -1353,7 +1349,8 @@ class CropAroundTargetd(MapTransform, Randomizable):
         if box is None:
             raise ValueError(f"{_source_name(label)}: the selected target has no voxel")
         centre = np.array([(lo + hi - 1) / 2 for lo, hi in box], dtype=np.float64)
-        centre = centre + self.R.uniform(-self.jitter_mm, self.jitter_mm, 3) / _voxel_size(label)
+        voxel_mm = affine_to_spacing(np.asarray(label.affine, np.float64))
+        centre = centre + self.R.uniform(-self.jitter_mm, self.jitter_mm, 3) / voxel_mm
         _crop_around(d, list(self.key_iterator(d)), centre, self.roi_size, self.spacing_mm)
         return d
 
@@ -1418,7 +1415,7 @@ class CropAroundClickd(MapTransform, Randomizable):
         affine = np.asarray(label.affine, np.float64)
         d[self.click_key] = torch.as_tensor(affine[:3, :3] @ click + affine[:3, 3])
         _crop_around(
-            d, list(self.key_iterator(d)), click + offset_mm / _voxel_size(label), self.roi_size, self.spacing_mm
+            d, list(self.key_iterator(d)), click + offset_mm / affine_to_spacing(affine), self.roi_size, self.spacing_mm
         )
         return d
 
