@@ -68,7 +68,7 @@ def segment(
     """
     from monai.bundle import ConfigWorkflow
 
-    from .transforms import check_output_ext
+    from .io import check_output_ext
 
     if network_name is not None and network_name not in available_networks():
         raise ValueError(f"unknown network_name {network_name!r}; registered: {', '.join(available_networks())}")

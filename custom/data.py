@@ -21,12 +21,10 @@ needs ``"series_uid"`` (its SeriesInstanceUID). After :func:`parse_case` every c
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
@@ -37,90 +35,11 @@ from monai.data import DataLoader, IterableDataset
 from monai.transforms import apply_transform
 from torch.utils.data import Dataset, Sampler
 
+from .cases import CaseError, case_name, missing_prompt_error, safe_name, unique_case_names
+from .io import as_label_map, load_volume, read_npz_case
 from .seeding import seed_value, seeded_generator
 
 logger = logging.getLogger(__name__)
-
-_NIFTI_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr", ".dcm")
-
-
-class CaseError(ValueError):
-    """A case that cannot be segmented as given; the message names the case and the value."""
-
-
-@functools.cache
-def _missing_prompt_class() -> type[CaseError]:
-    try:  # MONAI Label's stock apps run the bundle's transforms inside a Starlette (FastAPI) request
-        from starlette.exceptions import HTTPException
-    except ImportError:
-        return CaseError
-
-    class MissingPromptError(CaseError, HTTPException):
-        def __init__(self, detail: str) -> None:
-            HTTPException.__init__(self, status_code=422, detail=detail)
-            ValueError.__init__(self, detail)
-
-        def __str__(self) -> str:
-            return str(self.detail)
-
-    return MissingPromptError
-
-
-def missing_prompt_error(message: str) -> CaseError:
-    """The :class:`CaseError` for a request without a prompt. Where Starlette is installed (a MONAI Label server)
-    it is also Starlette's ``HTTPException`` with status 422, so that a stock MONAI Label app, which calls the
-    bundle's transforms in the request, answers a client error naming the problem instead of HTTP 500."""
-    return _missing_prompt_class()(message)
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_name(name: str) -> str:
-    """``name`` as one path component that stays inside its folder: letters, digits, ``.``, ``_`` and ``-``,
-    no leading dot (so never ``.`` or ``..``); ``"case"`` if nothing is left."""
-    return _UNSAFE.sub("_", str(name)).lstrip(".") or "case"
-
-
-def case_name(image_path: str | os.PathLike) -> str:
-    """The image's file name without its extension (a DICOM folder: the folder's name), after ``..`` and
-    ``.`` are resolved, made safe as a file name (:func:`safe_name`)."""
-    name = Path(os.path.abspath(str(image_path))).name
-    for suffix in _NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return safe_name(name)
-
-
-def unique_case_names(images: Sequence[str | os.PathLike], given: Sequence[str | None] | None = None) -> list[str]:
-    """One distinct output name per case: ``given[i]`` where an entry names itself (``"case"``), else
-    :func:`case_name`; names that collide (``a/ct.nii.gz`` and ``b/ct.nii.gz``) are prefixed with as many of
-    their folders' names as it takes (``a_ct``, ``b_ct``), then numbered with the first suffix no other case
-    has (``ct``, ``ct``, ``ct_2`` -> ``ct``, ``ct_3``, ``ct_2``): two cases never share an output."""
-    paths = [Path(os.path.abspath(str(p))) for p in images]
-    given = list(given) if given is not None else [None] * len(paths)
-    names = [safe_name(g) if g else case_name(p) for p, g in zip(paths, given)]
-    for depth in range(1, 1 + max((len(p.parts) for p in paths), default=1)):
-        owners: dict[str, set[Path]] = {}
-        for name, path in zip(names, paths):
-            owners.setdefault(name, set()).add(path)
-        clashing = [i for i, name in enumerate(names) if len(owners[name]) > 1 and not given[i]]
-        if not clashing:
-            break
-        for i in clashing:
-            folders = [safe_name(part) for part in paths[i].parent.parts[-depth:] if part not in ("/", "\\")]
-            names[i] = "_".join([*folders, case_name(paths[i])])
-    taken, seen = set(names), set()
-    for i, name in enumerate(names):  # the same file listed twice
-        if name in seen:
-            number = 2
-            while f"{name}_{number}" in taken:  # a file may be called ct_2 already
-                number += 1
-            names[i] = f"{name}_{number}"
-            taken.add(names[i])
-        seen.add(names[i])
-    return names
 
 
 def check_label(case: str, what: str, label: Any) -> int:
@@ -562,14 +481,13 @@ def check_labelled_entries(
     spacing_mm: Sequence[float] | float | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Split entries into usable ones and problems: every image and label must exist and be readable (each header
-    checked first, :func:`custom.transforms.load_volume`), have the same spatial shape and hold a class of at least
+    checked first, :func:`custom.io.load_volume`), have the same spatial shape and hold a class of at least
     ``min_target_voxels`` voxels, with whole-number label values. Usable entries gain ``classes`` (the labels
     present) and ``case``.
 
     Args:
         max_grid_voxels, spacing_mm: the predictor's grid limit and spacing (None: memory is the only limit).
     """
-    from .transforms import as_label_map, load_volume, read_npz_case
 
     problems, checked = [], []
     names = unique_case_names([e.get("image", "?") for e in entries], [e.get("case") for e in entries])

@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .cases import CaseError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -99,8 +101,6 @@ def inside_folder(root: str | os.PathLike, *parts: str) -> Path:
     Raises:
         CaseError: naming the path and where it leads.
     """
-    from .data import CaseError
-
     path = Path(root, *parts)
     real, real_root = path.resolve(), Path(root).resolve()
     if real != real_root and real_root not in real.parents:

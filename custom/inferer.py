@@ -22,7 +22,8 @@ from torch import nn
 from .precision import autocast, check_autocast_dtype
 from .predictor import VolumetricPredictor
 from .prompts import check_click_memory
-from .transforms import PROMPT_FAILED, PROMPT_REPORT, PROMPTS_META, normalize_crop
+from .transforms import PROMPT_FAILED, PROMPT_REPORT, PROMPTS_META
+from .window import normalize_crop
 
 
 @dataclass

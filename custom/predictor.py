@@ -32,12 +32,13 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing, compute_importance_map
 from monai.transforms import Orientation
 
+from .io import load_volume
 from .networks.prompt_encoder import BOX_MAX, BOX_MIN
 from .networks.sam_med3d import mask_prompt_logits, upsample_logits
 from .precision import autocast, check_autocast_dtype
 from .prompts import CLICK_MEMORIES, check_click_memory, deepest_point, mask_box, prompt_points
 from .spacing import AxisAlignedSpacingd, NetworkGrid
-from .transforms import extract_window, load_volume, normalize_crop
+from .window import extract_window, normalize_crop
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 

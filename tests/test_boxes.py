@@ -16,10 +16,10 @@ from test_inference import ThresholdNetwork, read_output, run_inference, write_n
 from custom.data import CaseList
 from custom.engines import InteractiveSegmentation
 from custom.evaluation import cvpr25_summary
+from custom.io import read_npz_case
 from custom.networks import build_sam_med3d
 from custom.predictor import VolumetricPredictor
 from custom.prompts import axial_axis, box_from_challenge, challenge_box, largest_error_click
-from custom.transforms import read_npz_case
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 

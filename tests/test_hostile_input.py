@@ -20,7 +20,8 @@ from monai.bundle import ConfigWorkflow
 from test_inference import ThresholdNetwork, boundary_tolerant_equal, read_output, run_inference, write_nifti
 
 from custom.api import segment
-from custom.data import CaseError, CaseList
+from custom.cases import CaseError
+from custom.data import CaseList
 from custom.files import write_text_atomic
 from custom.networks import build_sam_med3d, checkpoint_payload, load_checkpoint
 

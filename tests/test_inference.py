@@ -23,7 +23,7 @@ from scipy import ndimage
 from custom.data import CaseList
 from custom.networks import build_sam_med3d
 from custom.predictor import VolumetricPredictor
-from custom.transforms import extract_window, normalize_crop
+from custom.window import extract_window, normalize_crop
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 

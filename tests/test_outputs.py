@@ -10,9 +10,9 @@ from conftest import REPO_ROOT
 from test_hostile_input import _dicom_volume, _root_cause, _write_dicom_series
 from test_inference import ThresholdNetwork, boundary_tolerant_equal, read_output, run_inference, write_nifti
 
+from custom.io import load_volume
 from custom.labels import LabelTable
 from custom.preview import preview_size
-from custom.transforms import load_volume
 
 LABELS = LabelTable.load(REPO_ROOT / "bundle" / "docs" / "labels.json")
 

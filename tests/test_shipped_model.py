@@ -13,7 +13,7 @@ import torch
 from conftest import REPO_ROOT
 
 from custom.networks import build_sam_med3d, load_checkpoint, variant
-from custom.transforms import normalize_crop
+from custom.window import normalize_crop
 
 BUNDLE = REPO_ROOT / "bundle"
 

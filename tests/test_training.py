@@ -321,7 +321,7 @@ def test_plain_image_label_entries_train_and_evaluate(tmp_path):
 
 
 def test_an_empty_label_is_named(tmp_path):
-    from custom.data import CaseError
+    from custom.cases import CaseError
     from custom.transforms import LabelClassesd
 
     empty = nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4))

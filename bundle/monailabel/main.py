@@ -238,7 +238,7 @@ class SamMed3DInferTask(BundleInferTask):
         return result_file, result_json
 
     def __call__(self, request, callbacks=None):
-        from custom.data import CaseError
+        from custom.cases import CaseError
 
         try:
             result_file, result_json = super().__call__(request, callbacks)
