@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, randomize_
+from helpers import CONFIGS, REPO_ROOT, randomize_
 from monai.bundle import ConfigWorkflow
 from monai.losses import DiceCELoss
 
@@ -25,7 +25,6 @@ from custom.networks import (
 )
 from custom.networks.autoseg import default_skip_blocks
 
-CONFIGS = REPO_ROOT / "bundle" / "configs"
 SAMPLE = REPO_ROOT / "bundle" / "sample"
 # patch 8 like the shipped lite model, 3 blocks: 3 upsampling stages, skips from blocks 0 and 1
 LITE = dict(

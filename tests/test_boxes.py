@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, randomize_
+from helpers import CONFIGS, ThresholdNetwork, randomize_, read_output, run_inference, write_nifti
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 from scipy import ndimage
-from test_inference import ThresholdNetwork, read_output, run_inference, write_nifti
 
 from custom.data import CaseList
 from custom.engines import InteractiveSegmentation
@@ -20,8 +19,6 @@ from custom.io import read_npz_case
 from custom.networks import build_sam_med3d
 from custom.predictor import VolumetricPredictor
 from custom.prompts import axial_axis, box_from_challenge, challenge_box, largest_error_click
-
-CONFIGS = REPO_ROOT / "bundle" / "configs"
 
 
 def test_the_click_is_at_the_centre_of_the_largest_error_component():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,7 @@ class _StepClock:
         return self.now
 
 
+@pytest.mark.slow
 def test_a_time_boxed_run_fits_its_schedule_to_the_budget_and_keeps_the_best(tmp_path):
     sys.path.insert(0, str(BUNDLE / "scripts"))
     from train_for import train_for

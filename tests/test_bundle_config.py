@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from conftest import REPO_ROOT
+from helpers import CONFIGS
 from monai.bundle import ConfigParser, verify_net_in_out
 
 from custom.networks import SamMed3D
-
-CONFIGS = REPO_ROOT / "bundle" / "configs"
 
 
 def test_network_def_builds_the_named_variant():

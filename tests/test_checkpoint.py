@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import REPO_ROOT, randomize_
+from helpers import REPO_ROOT, randomize_
 
 from custom.networks import build_sam_med3d, checkpoint_payload, load_checkpoint, read_checkpoint
 

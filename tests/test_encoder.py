@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SMALL_SETTINGS, randomize_
+from helpers import SMALL_SETTINGS, randomize_
 
 from custom.networks import build_sam_med3d
 

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
-from monai.bundle import ConfigWorkflow
+from helpers import ThresholdNetwork, evaluate, two_blob_volumes, write_msd_dataset, write_nifti
 from monai.transforms import Compose, EnsureChannelFirst, Invert, LoadImage, Orientation, Orientationd, Spacing
 from scipy import ndimage
-from test_inference import ThresholdNetwork, write_nifti
 
 from custom.evaluation import dice_and_nsd, summarize
 from custom.prompts import inner_core_click, simulated_click
 from custom.spacing import AxisAlignedSpacingd, NetworkGrid
-
-CONFIGS = REPO_ROOT / "bundle" / "configs"
 
 
 class EmptyNetwork(ThresholdNetwork):
@@ -27,55 +21,8 @@ class EmptyNetwork(ThresholdNetwork):
         return torch.full_like(embedding, -10.0), embedding.new_zeros(embedding.shape[0], 1)
 
 
-def _dataset(tmp_path, volumes, spacing=(1.5, 1.5, 1.5)):
-    """An MSD-style dataset of (image, label) arrays, images bright where labelled."""
-    (tmp_path / "imagesTr").mkdir(parents=True)
-    (tmp_path / "labelsTr").mkdir()
-    entries = []
-    for i, label in enumerate(volumes):
-        affine = np.diag([*spacing, 1.0])
-        write_nifti(tmp_path / "imagesTr" / f"case{i}.nii.gz", np.where(label > 0, 100.0, 10.0), affine)
-        nib.Nifti1Image(label.astype(np.uint8), affine).to_filename(tmp_path / "labelsTr" / f"case{i}.nii.gz")
-        entries.append({"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"})
-    (tmp_path / "dataset.json").write_text(
-        json.dumps({"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "blob"}, "validation": entries})
-    )
-    return tmp_path
-
-
-def evaluate(tmp_path, dataset, network, num_clicks=3, **overrides):
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "evaluate.json"),
-        workflow_type="infer",
-        dataset_dir=str(dataset),
-        datalist=str(dataset / "dataset.json"),
-        output_dir=str(tmp_path / "eval"),
-        network=network,
-        num_clicks=num_clicks,
-        **{"inferer#roi_size": 32, "inferer#intensity_normalization": None},
-        **overrides,
-    )
-    workflow.initialize()
-    try:
-        workflow.run()
-    finally:
-        workflow.finalize()
-    out = tmp_path / "eval"
-    with open(out / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    return json.loads((out / "summary.json").read_text()), rows
-
-
-def _blobs():
-    first = np.zeros((20, 24, 18), np.uint8)
-    first[5:14, 6:18, 4:12] = 1
-    second = np.zeros((22, 20, 20), np.uint8)
-    second[8:15, 3:10, 9:17] = 1
-    return [first, second]
-
-
 def test_oracle_scores_one_from_the_first_click(tmp_path):
-    summary, rows = evaluate(tmp_path, _dataset(tmp_path / "data", _blobs()), ThresholdNetwork())
+    summary, rows = evaluate(tmp_path, write_msd_dataset(tmp_path / "data", two_blob_volumes()), ThresholdNetwork())
     assert len(rows) == 2 * 3 and all(float(r["dice"]) == 1.0 and float(r["nsd"]) == 1.0 for r in rows)
     overall = summary["overall"]
     assert overall["dice@1"] == overall["dice@3"] == 1.0 and overall["NoC@90"] == 1.0
@@ -83,14 +30,16 @@ def test_oracle_scores_one_from_the_first_click(tmp_path):
 
 
 def test_empty_prediction_scores_zero_and_needs_every_click(tmp_path):
-    summary, rows = evaluate(tmp_path, _dataset(tmp_path / "data", _blobs()), EmptyNetwork(), num_clicks=4)
+    summary, rows = evaluate(
+        tmp_path, write_msd_dataset(tmp_path / "data", two_blob_volumes()), EmptyNetwork(), num_clicks=4
+    )
     assert all(float(r["dice"]) == 0.0 for r in rows)
     assert summary["overall"]["dice@1"] == 0.0 and summary["overall"]["NoC@80"] == 4.0
     assert "dice@10" not in summary["overall"]
 
 
 def test_a_failed_case_is_reported_and_the_rest_evaluated(tmp_path):
-    dataset = _dataset(tmp_path / "data", _blobs())
+    dataset = write_msd_dataset(tmp_path / "data", two_blob_volumes())
     (dataset / "imagesTr" / "case0.nii.gz").unlink()
     with pytest.raises(RuntimeError):
         evaluate(tmp_path, dataset, ThresholdNetwork())

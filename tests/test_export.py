@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import randomize_
+from helpers import randomize_
 
 from custom.networks import build_sam_med3d
 from custom.networks.export import export_network, save_programs

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO_ROOT, randomize_
+from helpers import REPO_ROOT, randomize_
 
 from custom.networks import build_sam_med3d, load_checkpoint
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from conftest import randomize_
+from helpers import randomize_
 
 from custom.networks import build_sam_med3d, upsample_logits
 

@@ -15,9 +15,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import (
+    REPO_ROOT,
+    ThresholdNetwork,
+    boundary_tolerant_equal,
+    dicom_volume,
+    read_output,
+    root_cause,
+    run_inference,
+    write_dicom_series,
+    write_nifti,
+)
 from monai.bundle import ConfigWorkflow
-from test_inference import ThresholdNetwork, boundary_tolerant_equal, read_output, run_inference, write_nifti
 
 from custom.api import segment
 from custom.cases import CaseError
@@ -28,17 +37,11 @@ from custom.networks import build_sam_med3d, checkpoint_payload, load_checkpoint
 BUNDLE = REPO_ROOT / "bundle"
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
-
-
 def _run_failing(tmp_path, network, **overrides) -> str:
     """Run inference expecting failures; return the run's failure message."""
     with pytest.raises(RuntimeError) as err:
         run_inference(tmp_path, network, **overrides)
-    return str(_root_cause(err.value))
+    return str(root_cause(err.value))
 
 
 def _blob_image(path, shape=(20, 22, 18), affine=None):
@@ -180,7 +183,7 @@ def test_an_unwritable_output_folder_is_found_first(tmp_path):
     entry = {"image": _blob_image(tmp_path / "x.nii.gz"), "points": [[1, 1, 1]], "point_labels": [1]}
     with pytest.raises(RuntimeError) as err:
         run_inference(tmp_path, network, input_dict=entry, output_dir="/proc/sam_med3d_out")  # even for root
-    cause = _root_cause(err.value)
+    cause = root_cause(err.value)
     assert isinstance(cause, PermissionError) and "'/proc/sam_med3d_out' is not writable" in str(cause)
     assert network.encoded == 0
 
@@ -194,7 +197,7 @@ def test_a_file_where_the_output_folder_should_be_is_found_first(tmp_path):
             network,
             input_dict={"image": _blob_image(tmp_path / "x.nii.gz"), "points": [[1, 1, 1]], "point_labels": [1]},
         )
-    assert "out' is not writable" in str(_root_cause(err.value)) and network.encoded == 0
+    assert "out' is not writable" in str(root_cause(err.value)) and network.encoded == 0
 
 
 # 8. The output header is the input's, also for a singular sform
@@ -350,7 +353,7 @@ def _evaluate_folder(tmp_path, dataset, network, **overrides):
     try:
         workflow.run()
     except RuntimeError as err:
-        failure = str(_root_cause(err))
+        failure = str(root_cause(err))
     finally:
         workflow.finalize()
     out = tmp_path / "eval"
@@ -508,55 +511,16 @@ def test_a_zero_voxel_size_is_refused_by_file_and_axis(tmp_path):
     np.testing.assert_allclose(affine, np.diag([1.5, 1.5, 1.5, 1.0]))
 
 
-def _write_dicom_series(folder, volume, spacing=(1.5, 1.5, 3.0), skip=(), description="", prefix="s"):
-    """A CT series from ``volume`` (z, y, x) with ImagePositionPatient every ``spacing[2]`` mm (slices listed in
-    ``skip`` left out); returns its SeriesInstanceUID."""
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    series, study, frame = generate_uid(), generate_uid(), generate_uid()
-    for k, plane in enumerate(volume):
-        if k in skip:
-            continue
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta, ds.is_little_endian, ds.is_implicit_VR = meta, True, False
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesDescription = study, series, description
-        ds.FrameOfReferenceUID = frame
-        ds.Modality, ds.PatientName, ds.PatientID, ds.SeriesNumber, ds.InstanceNumber = "CT", "Test", "1", 1, k + 1
-        ds.ImagePositionPatient = [0.0, 0.0, k * spacing[2]]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[0]], spacing[2]
-        ds.Rows, ds.Columns = plane.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = np.ascontiguousarray(plane, np.int16).tobytes()
-        pydicom.dcmwrite(folder / f"{prefix}{k:03d}.dcm", ds, write_like_original=False)
-    return series
-
-
-def _dicom_volume(depth=12):
-    volume = np.full((depth, 16, 18), 10, np.int16)  # z, y, x
-    volume[3:9, 4:12, 5:14] = 100
-    return volume
-
-
 # 6. A DICOM series with a missing slice is refused (ITK would space the slices evenly)
 def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path):
-    volume = _dicom_volume()
-    _write_dicom_series(tmp_path / "gap", volume, skip=(5,))
+    volume = dicom_volume()
+    write_dicom_series(tmp_path / "gap", volume, skip=(5,))
     click = {"points": [[8, 8, 4]], "point_labels": [1]}
     message = _run_failing(tmp_path, ThresholdNetwork(), input_dict=dict(click, image=str(tmp_path / "gap")))
     assert "gap: series " in message and "slices are not evenly spaced: 6 mm between slice 4 and 5" in message
     assert "where the others are 3 mm apart (a missing slice?)" in message and "misplaced by up to 1.5 mm" in message
     # the complete series is read on its true grid
-    _write_dicom_series(tmp_path / "whole", volume)
+    write_dicom_series(tmp_path / "whole", volume)
     out = run_inference(tmp_path / "b", ThresholdNetwork(), input_dict=dict(click, image=str(tmp_path / "whole")))
     mask, affine, _ = read_output(out, "whole")
     np.testing.assert_allclose(np.abs(np.diag(affine))[:3], [1.5, 1.5, 3.0], atol=1e-6)
@@ -566,8 +530,8 @@ def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path):
 # 7. A folder of several DICOM series: refused with their UIDs, or the one named by series_uid, said in the report
 def test_a_folder_of_several_dicom_series_needs_a_series_uid(tmp_path):
     folder = tmp_path / "study"
-    first = _write_dicom_series(folder, _dicom_volume(12), description="first", prefix="a")
-    second = _write_dicom_series(folder, _dicom_volume(10), description="second", prefix="b")
+    first = write_dicom_series(folder, dicom_volume(12), description="first", prefix="a")
+    second = write_dicom_series(folder, dicom_volume(10), description="second", prefix="b")
     click = {"points": [[8, 8, 4]], "point_labels": [1]}
     message = _run_failing(tmp_path, ThresholdNetwork(), input_dict=dict(click, image=str(folder)))
     assert "study: the folder holds 2 DICOM series; give the entry's 'series_uid', one of: " in message
@@ -593,7 +557,7 @@ def test_a_symlinked_case_folder_cannot_carry_writes_outside(tmp_path):
     entry = {"image": _blob_image(tmp_path / "blob.nii.gz"), "points": [[10, 11, 9]], "point_labels": [1]}
     with pytest.raises(RuntimeError) as err:
         run_inference(tmp_path, ThresholdNetwork(), input_dict=entry)
-    cause = _root_cause(err.value)
+    cause = root_cause(err.value)
     assert isinstance(cause, CaseError)
     assert f"{str(tmp_path / 'out' / 'blob')!r} leads to {str(outside)!r}, outside the output folder" in str(cause)
     assert list(outside.iterdir()) == []

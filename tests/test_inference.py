@@ -9,13 +9,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, randomize_
+from helpers import (
+    CONFIGS,
+    REPO_ROOT,
+    ThresholdNetwork,
+    boundary_tolerant_equal,
+    bright,
+    randomize_,
+    read_output,
+    run_inference,
+    write_nifti,
+)
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 from scipy import ndimage
@@ -24,69 +33,6 @@ from custom.data import CaseList
 from custom.networks import build_sam_med3d
 from custom.predictor import VolumetricPredictor
 from custom.window import extract_window, normalize_crop
-
-CONFIGS = REPO_ROOT / "bundle" / "configs"
-
-
-class ThresholdNetwork(torch.nn.Module):
-    """encode: the crop itself; decode: logits ``intensity - 50`` at full resolution, whatever the prompts."""
-
-    def __init__(self, img_size: int = 32) -> None:
-        super().__init__()
-        self.img_size = img_size
-        self.encoded = 0
-
-    def encode(self, crop: torch.Tensor) -> torch.Tensor:
-        self.encoded += 1
-        return crop
-
-    def decode(self, embedding, point_coords, point_labels, mask_input=None):
-        return embedding - 50.0, embedding.new_zeros(embedding.shape[0], 1)
-
-
-def write_nifti(path, array, affine) -> str:
-    nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64)).to_filename(path)
-    return str(path)
-
-
-def run_inference(tmp_path, network, roi_size=32, **overrides):
-    """Run bundle/configs/inference.json with ``network`` and a raw-intensity inferer; return the output folder."""
-    out = Path(overrides.pop("output_dir", tmp_path / "out"))
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        workflow_type="infer",
-        output_dir=str(out),
-        network=network,
-        **{"inferer#roi_size": roi_size, "inferer#intensity_normalization": None},
-        **overrides,
-    )
-    workflow.initialize()
-    try:
-        workflow.run()
-    finally:
-        workflow.finalize()
-    return out
-
-
-def read_output(out, case):
-    image = nib.load(out / case / f"{case}_seg.nii.gz")
-    report = json.loads((out / case / f"{case}_seg.json").read_text())
-    return np.asarray(image.dataobj), image.affine, report
-
-
-def bright(shape) -> np.ndarray:
-    """An image above the threshold everywhere (not constant: a constant image is refused)."""
-    image = np.full(shape, 100.0)
-    image.flat[0] = 101.0
-    return image
-
-
-def boundary_tolerant_equal(predicted: np.ndarray, expected: np.ndarray) -> bool:
-    """Every voxel agrees except, at most, one layer at the object's boundary (no shift, flip or loss)."""
-    inner = ndimage.binary_erosion(expected)
-    outer = ndimage.binary_dilation(expected)
-    return bool(np.all(predicted[inner]) and not np.any(predicted[~outer]))
 
 
 def test_normalize_crop_matches_upstream_formula():

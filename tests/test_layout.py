@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "custom"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, fit_fixed_batch
+from helpers import CONFIGS, fit_fixed_batch
 from monai.bundle import ConfigWorkflow
 
 from custom.engines import parameter_groups, trainable
@@ -23,7 +23,6 @@ from custom.networks import (
     with_pretrained,
 )
 
-CONFIGS = REPO_ROOT / "bundle" / "configs"
 # A narrow, shallow 3DMedSAM for speed; the ViT-B configuration itself is tested once below.
 SMALL = dict(
     image_size=32,

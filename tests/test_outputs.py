@@ -6,9 +6,17 @@ import json
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
-from test_hostile_input import _dicom_volume, _root_cause, _write_dicom_series
-from test_inference import ThresholdNetwork, boundary_tolerant_equal, read_output, run_inference, write_nifti
+from helpers import (
+    REPO_ROOT,
+    ThresholdNetwork,
+    boundary_tolerant_equal,
+    dicom_volume,
+    read_output,
+    root_cause,
+    run_inference,
+    write_dicom_series,
+    write_nifti,
+)
 
 from custom.io import load_volume
 from custom.labels import LabelTable
@@ -25,8 +33,8 @@ def _source_slices(folder):
 
 def test_dicom_seg_lands_on_the_source_series(tmp_path):
     hd = pytest.importorskip("highdicom")
-    volume = _dicom_volume(12)  # z, y, x; the object is not square in-plane, so a transposed frame shows
-    series = _write_dicom_series(tmp_path / "series", volume)
+    volume = dicom_volume(12)  # z, y, x; the object is not square in-plane, so a transposed frame shows
+    series = write_dicom_series(tmp_path / "series", volume)
     entry = {"image": str(tmp_path / "series"), "points": [[8, 8, 4]], "point_labels": [1]}
     out = run_inference(tmp_path / "dcm", ThresholdNetwork(), input_dict=entry, output_ext=".dcm", preview=False)
     nifti = run_inference(tmp_path / "nii", ThresholdNetwork(), input_dict=entry, preview=False)
@@ -72,13 +80,13 @@ def test_dcm_output_is_refused_for_an_image_that_is_not_a_dicom_series(tmp_path)
     entry = {"image": write_nifti(tmp_path / "ct.nii.gz", image, np.eye(4)), "points": [[8, 8, 5]], "point_labels": [1]}
     with pytest.raises(RuntimeError) as err:
         run_inference(tmp_path, ThresholdNetwork(), input_dict=entry, output_ext=".dcm")
-    message = str(_root_cause(err.value))
+    message = str(root_cause(err.value))
     assert "case 'ct': output_ext '.dcm' writes a DICOM-SEG" in message
     assert "the entry's 'image' must be a DICOM series folder" in message and "ct.nii.gz" in message
     assert not (tmp_path / "out" / "ct").exists()
     with pytest.raises(RuntimeError) as err:
         run_inference(tmp_path, ThresholdNetwork(), input_dict=entry, output_ext=".png")
-    assert "output_ext must be one of '.nii.gz', '.nrrd', '.dcm', got '.png'" in str(_root_cause(err.value))
+    assert "output_ext must be one of '.nii.gz', '.nrrd', '.dcm', got '.png'" in str(root_cause(err.value))
 
 
 def test_nrrd_output_round_trips_shape_and_space(tmp_path):

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, randomize_
+from helpers import REPO_ROOT, randomize_
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
 BUNDLE = REPO_ROOT / "bundle"
@@ -139,6 +139,7 @@ def test_property_checks_write_nothing_into_the_bundle(package, tmp_path, monkey
     assert after == before, set(after) ^ set(before)
 
 
+@pytest.mark.slow
 def test_ckpt_export_by_tracing_reproduces_the_eager_network(package, tmp_path):
     """``monai.bundle ckpt_export --use_trace True`` from the packaged bundle (TorchScript scripting is not supported,
     see the model card): the traced program gives the eager network's logits."""
@@ -353,6 +354,7 @@ def _studies(tmp_path: Path) -> Path:
     return studies
 
 
+@pytest.mark.slow
 def test_monai_label_serves_the_bundle(package, tmp_path):
     """The project's own app, from the packaged bundle alone: clicks in, label map out; label names and values
     from the label table; one predictor per image kept across requests; no clicks -> 422."""
@@ -398,6 +400,7 @@ def test_monai_label_serves_the_bundle(package, tmp_path):
     assert not (package / "eval").exists()  # the bundle's own saver is left to MONAI Label's writer
 
 
+@pytest.mark.slow
 def test_the_monai_label_train_task_fine_tunes_the_bundle_and_the_infer_task_uses_it(package, tmp_path):
     """POST /train through the real server on the sample with its label: one epoch of the bundle's train.json in
     its own run folder, the kept weights become models/model.pt (the earlier one kept beside it), and the next
@@ -429,6 +432,7 @@ def test_the_monai_label_train_task_fine_tunes_the_bundle_and_the_infer_task_use
         assert f"{bundle / 'models' / 'model.pt'}" in log.read_text()
 
 
+@pytest.mark.slow
 def test_the_stock_monaibundle_app_serves_the_bundle_as_deepedit(tmp_path):
     """MONAI Label's own ``monaibundle`` app reads a bundle's type from its folder name only: packaged as
     ``sam_med3d_deepedit`` into the app's ``model/`` folder it is a deepedit (click) model."""
@@ -461,6 +465,7 @@ def test_the_stock_monaibundle_app_serves_the_bundle_as_deepedit(tmp_path):
     assert mask[tuple(click)] > 0 and 100 < (mask > 0).sum() < 0.05 * mask.size
 
 
+@pytest.mark.slow
 def test_the_package_runs_in_a_fresh_virtual_environment(package, tmp_path):
     """Only the bundle's declared packages, not this project: the default inference from inside the folder."""
     metadata = json.loads((package / "configs/metadata.json").read_text())

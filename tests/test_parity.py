@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO_ROOT, SMALL_SETTINGS, randomize_, reference_config
+from helpers import REPO_ROOT, SMALL_SETTINGS, randomize_, reference_config
 from plain_reference import REFERENCE_CONFIG, reference_decode, reference_encode, reference_forward
 
 from custom.networks import build_sam_med3d

@@ -10,10 +10,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import (
+    REPO_ROOT,
+    ThresholdNetwork,
+    bright,
+    evaluate,
+    read_output,
+    run_inference,
+    two_blob_volumes,
+    write_msd_dataset,
+)
 from monai.data import MetaTensor
-from test_evaluation import _blobs, _dataset, evaluate
-from test_inference import ThresholdNetwork, bright, read_output, run_inference
 
 from custom.predictor import VolumetricPredictor
 
@@ -54,7 +61,7 @@ def _image(shape=(20, 24, 18), spacing=1.5) -> MetaTensor:
 
 def test_a_k_click_evaluation_of_a_one_window_object_makes_k_prompt_steps(tmp_path):
     network = CountingNetwork()
-    _, rows = evaluate(tmp_path, _dataset(tmp_path / "data", _blobs()), network, num_clicks=6)
+    _, rows = evaluate(tmp_path, write_msd_dataset(tmp_path / "data", two_blob_volumes()), network, num_clicks=6)
     assert len(rows) == 2 * 6 and all(r["positive"] == "1" for r in rows)
     assert network.decoded == 2 * 6  # not 1 + 2 + ... + 6: each click one step, from the saved logits
     assert network.encoded == 2  # one window per case, encoded once
@@ -113,8 +120,8 @@ def test_clicks_outside_the_image_and_in_no_window_are_handled():
 
 
 def test_the_same_clicks_give_the_same_mask_through_evaluation_and_inference(tmp_path):
-    blobs = _blobs()
-    dataset = _dataset(tmp_path / "data", blobs)
+    blobs = two_blob_volumes()
+    dataset = write_msd_dataset(tmp_path / "data", blobs)
     _, rows = evaluate(tmp_path, dataset, BallNetwork(), num_clicks=4)
     case_rows = [r for r in rows if r["case"] == "case0"]
     points = [[int(c) for c in r["point"].split()] for r in case_rows]
@@ -138,8 +145,8 @@ class Interrupt(BaseException):
 
 
 def test_an_interrupted_evaluation_resumes_without_recomputing(tmp_path):
-    volumes = _blobs() + [np.roll(b, 2, axis=0) for b in _blobs()]
-    dataset = _dataset(tmp_path / "data", volumes)
+    volumes = two_blob_volumes() + [np.roll(b, 2, axis=0) for b in two_blob_volumes()]
+    dataset = write_msd_dataset(tmp_path / "data", volumes)
 
     class DiesAfterTwoTargets(CountingNetwork):
         def decode(self, *args, **kwargs):

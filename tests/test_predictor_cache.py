@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_SETTINGS, randomize_
+from helpers import SMALL_SETTINGS, randomize_
 from monai.data import MetaTensor
 
 from custom.inferer import PredictorCache, PromptedInferer

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from monai.transforms import EnsureChannelFirst, LoadImage
 from scipy import ndimage
 

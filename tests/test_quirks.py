@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import SMALL_SETTINGS, randomize_
+from helpers import SMALL_SETTINGS, randomize_
 
 from custom.networks import build_sam_med3d
 

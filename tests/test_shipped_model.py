@@ -10,7 +10,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from custom.networks import build_sam_med3d, load_checkpoint, variant
 from custom.window import normalize_crop

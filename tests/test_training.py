@@ -11,14 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, fit_fixed_batch
+from helpers import CONFIGS, REPO_ROOT, fit_fixed_batch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from custom.data import load_training_datalist
 from custom.networks import build_sam_med3d, load_checkpoint
 
-CONFIGS = REPO_ROOT / "bundle" / "configs"
 MINI = REPO_ROOT / "bundle" / "sample" / "hippocampus_mini"
 FAST = {
     "network_name": "sam_med3d_tiny",
@@ -194,6 +193,7 @@ def _single_process_validation(state: dict, tmp_path) -> dict:
     return dict(evaluator.state.metrics), evaluator.state.iteration
 
 
+@pytest.mark.slow
 def test_ddp_validates_every_epoch_and_matches_one_process(tmp_path):
     ranks = _torchrun(tmp_path / "ddp", 29517)
     assert ranks[0]["iterations"] == ranks[1]["iterations"] == 4  # 4 cases, 2 ranks, batch 1, 2 epochs
@@ -209,6 +209,7 @@ def test_ddp_validates_every_epoch_and_matches_one_process(tmp_path):
         assert ranks[0]["metrics"][-1][name] == pytest.approx(value, abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_ddp_with_a_frozen_encoder_and_accumulation(tmp_path):
     ranks = _torchrun(tmp_path, 29518, freeze_image_encoder=True, accumulation_steps=2, val_interval=5)
     for key, value in ranks[0]["final"].items():
@@ -220,6 +221,7 @@ def test_ddp_with_a_frozen_encoder_and_accumulation(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_ddp_trains_3dmedsam(tmp_path):
     small = {
         "network_def#encoder_embed_dim": 96,
