@@ -38,6 +38,50 @@ class _Kept:
     )
 
 
+@dataclass
+class _ObjectPrompts:
+    """What one object of one volume is given, taken once from the batch tensors for both ways of segmenting."""
+
+    label: int
+    earlier: torch.Tensor | None  # (D, H, W) bool, the object's region of an earlier label map
+    box: tuple[float, ...] | None  # min corner then max corner, stored-grid voxels
+    clicks: list[tuple[tuple[float, ...], bool]]  # (voxel, positive), in the order given
+
+
+def _volume_prompts(
+    b: int,
+    point_coords: torch.Tensor,
+    point_labels: torch.Tensor,
+    object_labels: torch.Tensor,
+    prev_mask: torch.Tensor | None,
+    boxes: torch.Tensor | None,
+) -> list[_ObjectPrompts]:
+    """Volume ``b``'s objects from the batch tensors of :meth:`PromptedInferer.__call__` (padding dropped)."""
+    objects = []
+    for index, label in enumerate(int(label) for label in object_labels[b].tolist()):
+        earlier = None
+        if prev_mask is not None and prev_mask.numel() > 0:
+            earlier = torch.as_tensor(prev_mask[b, 0]) == label
+            earlier = earlier if earlier.any() else None
+        box = None
+        if boxes is not None and boxes.numel() > 0 and not torch.isnan(boxes[b, index]).any():
+            box = tuple(boxes[b, index].flatten().tolist())
+        valid = point_labels[b, index] >= 0
+        points, marks = point_coords[b, index][valid].tolist(), point_labels[b, index][valid].tolist()
+        objects.append(_ObjectPrompts(label, earlier, box, [(tuple(p), bool(m)) for p, m in zip(points, marks)]))
+    return objects
+
+
+def _give(predictor: VolumetricPredictor, key: Any, prompts: _ObjectPrompts) -> None:
+    """Give an object its earlier mask, box and clicks, in that order."""
+    if prompts.earlier is not None:
+        predictor.set_mask(key, prompts.earlier)
+    if prompts.box is not None:
+        predictor.add_box(key, prompts.box[:3], prompts.box[3:])
+    for point, positive in prompts.clicks:
+        predictor.add_click(key, point, positive)
+
+
 class PredictorCache:
     """Predictors kept across calls of a :class:`PromptedInferer`, one per image, for interactive servers.
 
@@ -215,19 +259,13 @@ class PromptedInferer(Inferer):
         for b in range(batch):
             name = names[b] if isinstance(names, (list, tuple)) else names
             image = MetaTensor(inputs[b].as_tensor(), affine=affines[b], meta={"filename_or_obj": name or "<image>"})
-            segment = self._segment if predictor is not None else self._segment_kept
             try:
-                label_map, report = segment(
-                    predictor or network,
-                    image,
-                    b,
-                    point_coords,
-                    point_labels,
-                    object_labels,
-                    prev_mask,
-                    str(per_volume[0][b] or ""),
-                    boxes,
-                )
+                objects = _volume_prompts(b, point_coords, point_labels, object_labels, prev_mask, boxes)
+                modality_b = str(per_volume[0][b] or "")
+                if predictor is not None:
+                    label_map, report = self._segment(predictor, image, objects, modality_b)
+                else:
+                    label_map, report = self._segment_kept(network, image, objects, modality_b)
             except Exception as err:  # one bad case must not stop the others
                 if self.failures is None:
                     raise
@@ -270,26 +308,15 @@ class PromptedInferer(Inferer):
         return coords, labels, boxes, objects
 
     def _segment_kept(
-        self,
-        network: nn.Module,
-        image: MetaTensor,
-        b: int,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-        object_labels: torch.Tensor,
-        prev_mask: torch.Tensor | None,
-        modality: str,
-        boxes: torch.Tensor | None = None,
+        self, network: nn.Module, image: MetaTensor, objects: list[_ObjectPrompts], modality: str
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """:meth:`_segment` with the image's predictor from :attr:`predictor_cache`: an object whose clicks
         include all those it was given before (and the same earlier mask and box) gets only the new ones; any
         other object is reset and given all its clicks again (the embeddings stay)."""
-        labels = [int(label) for label in object_labels[b].tolist()]
+        labels = [obj.label for obj in objects]
         image_key = PredictorCache.image_key(image.meta.get("filename_or_obj"))
         if image_key is None or len(set(labels)) != len(labels):  # nothing to find it again by
-            return self._segment(
-                self.predictor(network), image, b, point_coords, point_labels, object_labels, prev_mask, modality, boxes
-            )
+            return self._segment(self.predictor(network), image, objects, modality)
         settings = tuple(sorted((k, repr(v)) for k, v in self.settings.items()))
         key = (image_key, modality, id(network), settings)
         cache = self.predictor_cache
@@ -305,41 +332,23 @@ class PromptedInferer(Inferer):
             predictor = kept.predictor
             computed_before = predictor.embeddings_computed
             try:
-                order = []
-                for index, label in enumerate(labels):
-                    earlier = None
-                    if prev_mask is not None and prev_mask.numel() > 0:
-                        earlier = torch.as_tensor(prev_mask[b, 0]) == label
-                        earlier = earlier if earlier.any() else None
-                    box = None
-                    if boxes is not None and boxes.numel() > 0 and not torch.isnan(boxes[b, index]).any():
-                        box = tuple(boxes[b, index].flatten().tolist())
-                    valid = point_labels[b, index] >= 0
-                    clicks = [
-                        (tuple(point), bool(positive))
-                        for point, positive in zip(
-                            point_coords[b, index][valid].tolist(), point_labels[b, index][valid].tolist()
-                        )
-                    ]
-                    mask_signature = None if earlier is None else hashlib.sha1(earlier.numpy().tobytes()).hexdigest()
-                    before = kept.applied.get(label)
-                    new = _added(before[2], clicks) if before and before[:2] == (mask_signature, box) else None
+                for obj in objects:
+                    mask_signature = None
+                    if obj.earlier is not None:
+                        mask_signature = hashlib.sha1(obj.earlier.numpy().tobytes()).hexdigest()
+                    before = kept.applied.get(obj.label)
+                    new = _added(before[2], obj.clicks) if before and before[:2] == (mask_signature, obj.box) else None
                     if new is None:  # a first request, or clicks taken back: start the object again
-                        predictor.reset(label)
-                        kept.applied.pop(label, None)
-                        if earlier is not None:
-                            predictor.set_mask(label, earlier)
-                        if box is not None:
-                            predictor.add_box(label, box[:3], box[3:])
-                        new = clicks
-                    for point, positive in new:
-                        predictor.add_click(label, point, positive)
-                    kept.applied[label] = (mask_signature, box, clicks)
-                    order.append((label, label))
-                report: dict[str, Any] = {"objects": [predictor.report(key) for key, _ in order]}
+                        predictor.reset(obj.label)
+                        kept.applied.pop(obj.label, None)
+                        _give(predictor, obj.label, obj)
+                    else:
+                        _give(predictor, obj.label, _ObjectPrompts(obj.label, None, None, new))
+                    kept.applied[obj.label] = (mask_signature, obj.box, obj.clicks)
+                report: dict[str, Any] = {"objects": [predictor.report(label) for label in labels]}
                 report["embeddings_computed"] = predictor.embeddings_computed - computed_before
                 report["predictor_reused"] = reused
-                label_map = predictor.label_map(order)[None]
+                label_map = predictor.label_map([(label, label) for label in labels])[None]
             except Exception:
                 cache.discard(key)  # half-applied clicks: do not answer the next request from this state
                 raise
@@ -348,33 +357,15 @@ class PromptedInferer(Inferer):
 
     @staticmethod
     def _segment(
-        predictor: VolumetricPredictor,
-        image: MetaTensor,
-        b: int,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-        object_labels: torch.Tensor,
-        prev_mask: torch.Tensor | None,
-        modality: str,
-        boxes: torch.Tensor | None = None,
+        predictor: VolumetricPredictor, image: MetaTensor, objects: list[_ObjectPrompts], modality: str
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """One volume's objects through the predictor: its ``(1, D, H, W)`` label map and report."""
         predictor.set_image(image, modality=modality)
-        order = []
-        for index, label in enumerate(object_labels[b].tolist()):
-            if prev_mask is not None and prev_mask.numel() > 0:
-                earlier = torch.as_tensor(prev_mask[b, 0]) == label
-                if earlier.any():
-                    predictor.set_mask(index, earlier)
-            if boxes is not None and boxes.numel() > 0 and not torch.isnan(boxes[b, index]).any():
-                predictor.add_box(index, boxes[b, index, 0].tolist(), boxes[b, index, 1].tolist())
-            valid = point_labels[b, index] >= 0
-            for point, positive in zip(point_coords[b, index][valid].tolist(), point_labels[b, index][valid]):
-                predictor.add_click(index, point, bool(positive))
-            order.append((index, int(label)))
-        report: dict[str, Any] = {"objects": [predictor.report(index) for index, _ in order]}
+        for index, obj in enumerate(objects):
+            _give(predictor, index, obj)
+        report: dict[str, Any] = {"objects": [predictor.report(index) for index in range(len(objects))]}
         report["embeddings_computed"] = predictor.embeddings_computed
-        return predictor.label_map(order)[None], report
+        return predictor.label_map([(index, obj.label) for index, obj in enumerate(objects)])[None], report
 
 
 def _same_grid(predictor: VolumetricPredictor, image: MetaTensor) -> bool:
