@@ -126,6 +126,11 @@ class ClickEvaluationStep:
             raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
         empty, full = torch.zeros(1, 1, 1, dtype=torch.bool), torch.ones(1, 1, 1, dtype=torch.bool)
         simulated_click(protocol, empty, full, 1, torch.Generator())  # fails early on an unknown protocol
+        if protocol == "cvpr25" and (num_clicks, float(nsd_tolerance_mm)) != (5, 2.0):
+            logger.warning(
+                f"protocol cvpr25 with num_clicks {num_clicks} and nsd_tolerance_mm {nsd_tolerance_mm}: the challenge "
+                "scores 5 clicks and NSD at 2 mm (configs/evaluate_cvpr25.json sets all three)"
+            )
         self.inferer = inferer
         self.num_clicks = num_clicks
         self.protocol = protocol

@@ -188,12 +188,11 @@ def test_a_challenge_npz_case_runs_end_to_end(tmp_path):
     assert axial_axis(loaded["image"].affine) == 0 and json.loads(loaded["challenge_boxes"])[1]["z_min"] == 14
     (tmp_path / "list.json").write_text(json.dumps({"validation": [{"image": "case.npz"}]}))
     workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "evaluate.json"),
+        config_file=[str(CONFIGS / "evaluate.json"), str(CONFIGS / "evaluate_cvpr25.json")],
         workflow_type="infer",
         datalist=str(tmp_path / "list.json"),
         output_dir=str(tmp_path / "eval"),
         network=ThresholdNetwork(),
-        protocol="cvpr25",
         **{"inferer#roi_size": 32, "inferer#intensity_normalization": None, "report#progress": False},
     )
     workflow.initialize()
