@@ -393,9 +393,10 @@ def bench_ct_click(name: str, repeats: int) -> dict:
     import nibabel as nib
     import numpy as np
 
+    from custom.interaction import simulate_interaction
     from custom.networks import build_sam_med3d, load_checkpoint
     from custom.predictor import VolumetricPredictor
-    from custom.prompts import uniform_error_click
+    from custom.seeding import seeded_generator
 
     image, label, _ = synthetic_ct()
     network = build_sam_med3d(name).eval()
@@ -405,19 +406,15 @@ def bench_ct_click(name: str, repeats: int) -> dict:
     truth_map = torch.as_tensor(np.asarray(nib.load(label).dataobj, dtype=np.uint8))
     quiet, opening = [], []
     for target in (2, 3, 1):  # a kidney, a spleen, the liver
-        truth = truth_map == target
-        generator = torch.Generator().manual_seed(target)
-        prediction = torch.zeros_like(truth)
-        for index in range(repeats + 1):
-            click = uniform_error_click(prediction, truth, generator)
-            if click is None:
-                break
-            windows = predictor.report(target)["windows_encoded"] if index else 0
-            started = time.perf_counter()
-            prediction = predictor.add_click(target, click[0].tolist(), bool(click[1]))
-            seconds = time.perf_counter() - started
-            if index:
-                (opening if predictor.report(target)["windows_encoded"] > windows else quiet).append(seconds)
+        windows = 0
+        steps = simulate_interaction(
+            predictor, target, truth_map == target, repeats + 1, "uniform", seeded_generator(target)
+        )
+        for step in steps:
+            opened = predictor.report(target)["windows_encoded"] > windows
+            windows = predictor.report(target)["windows_encoded"]
+            if step.point is not None and step.index > 1:  # the first click of a target pays for its embedding
+                (opening if opened else quiet).append(step.seconds)
     note = f"{len(quiet)} clicks; {len(opening)} opened windows"
     if opening:
         note += f" ({statistics.median(opening):.2f} s median)"

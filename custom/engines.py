@@ -31,6 +31,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from .files import check_writable_folder, write_text_atomic
+from .interaction import simulate_interaction
 from .networks.checkpoint import checkpoint_payload, save_atomic
 from .networks.common import as_flag
 from .networks.sam_med3d import mask_prompt_logits, upsample_logits
@@ -365,13 +366,12 @@ class ClickValidationStep:
                 predictor.set_image(MetaTensor(values.cpu(), affine=affine))
                 truth = (target[b, 0].as_tensor() if isinstance(target, MetaTensor) else target[b, 0]).cpu() > 0.5
                 generator = seeded_generator(self.seed, _item_key(batchdata, b))
-                prediction = torch.zeros_like(truth)
-                for click_index in range(1, self.report_clicks[-1] + 1):
-                    click = simulated_click(self.protocol, prediction, truth, click_index, generator)
-                    if click is not None:
-                        prediction = predictor.add_click("target", click[0].tolist(), bool(click[1])).clone()
-                    if click_index in predictions:
-                        predictions[click_index].append(prediction)
+                steps = simulate_interaction(
+                    predictor, "target", truth, self.report_clicks[-1], self.protocol, generator
+                )
+                for step in steps:
+                    if step.index in predictions:
+                        predictions[step.index].append(step.mask.clone())
                 predictor.reset()
         output = {Keys.IMAGE: image, Keys.LABEL: target}
         for k, masks in predictions.items():

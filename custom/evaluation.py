@@ -34,6 +34,7 @@ from scipy import ndimage
 
 from .files import append_line_durably, write_atomic, write_text_atomic
 from .inferer import PromptedInferer
+from .interaction import simulate_interaction
 from .networks.common import as_flag
 from .prompts import mask_box, simulated_click
 from .seeding import seeded_generator
@@ -180,37 +181,32 @@ class ClickEvaluationStep:
         # finished classes before a pending one are replayed (rows dropped): what they leave in the predictor's
         # embedding cache decides where later classes' first windows go
         for target_class in classes[: classes.index(pending[-1]) + 1]:
-            generator = self.click_generator(case, target_class)
             truth_box = truth_boxes[target_class - 1]
-            prediction = torch.zeros(truth_map.shape, dtype=torch.bool)
+
+            def region(truth_box=truth_box, target_class=target_class) -> tuple[slice, ...]:
+                # the mask and the truth are empty outside this box: clicks and scores need only the box
+                return _union_box(truth_box, predictor.extent(target_class), truth_map.shape)
+
+            truth = truth_map == target_class
+            generator = self.click_generator(case, target_class)
             dice = nsd = 0.0
             target_rows = []
-            for click_index in range(1, self.num_clicks + 1):
-                # prediction and truth are empty outside this box: clicks and scores need only the box
-                box = _union_box(truth_box, predictor.extent(target_class), truth_map.shape)
-                truth = truth_map[box] == target_class
-                click = simulated_click(self.protocol, prediction[box], truth, click_index, generator)
-                seconds, positive, point = 0.0, "", ""
-                if click is not None:  # None: already perfect; the scores stay
-                    point = [int(c) + s.start for c, s in zip(click[0].tolist(), box)]
-                    started = time.perf_counter()
-                    prediction = predictor.add_click(target_class, point, bool(click[1]))
-                    seconds = time.perf_counter() - started
-                    positive, point = click[1], " ".join(str(c) for c in point)
-                    box = _union_box(truth_box, predictor.extent(target_class), truth_map.shape)
-                    dice, nsd = dice_and_nsd(
-                        prediction[box], truth_map[box] == target_class, spacing, self.nsd_tolerance_mm
-                    )
+            for step in simulate_interaction(
+                predictor, target_class, truth, self.num_clicks, self.protocol, generator, region
+            ):
+                if step.point is not None:  # None: already perfect; the scores stay
+                    box = region()
+                    dice, nsd = dice_and_nsd(step.mask[box], truth[box], spacing, self.nsd_tolerance_mm)
                 target_rows.append(
                     {
                         "case": case,
                         "class": target_class,
-                        "click": click_index,
-                        "point": point,
-                        "positive": positive,
+                        "click": step.index,
+                        "point": "" if step.point is None else " ".join(str(c) for c in step.point),
+                        "positive": "" if step.positive is None else int(step.positive),
                         "dice": round(dice, 6),
                         "nsd": round(nsd, 6),
-                        "seconds": round(seconds, 4),
+                        "seconds": round(step.seconds, 4),
                     }
                 )
             predictor.reset(target_class)
