@@ -100,8 +100,25 @@ def _sam_variant(description: str, builder: Callable[..., nn.Module] = build_sam
     return Variant(builder, MappingProxyType(settings), description, frozenset({"fast_window_attention"}))
 
 
-#: the lite variants' encoder and prompt width (64^3 windows of 8^3 patches at 1.5 mm, all blocks global)
+#: the released configuration (reference §1): 128^3 windows of 16^3 patches, windowed blocks with four global ones
+_RELEASED = dict(
+    image_size=128,
+    patch_size=16,
+    encoder_embed_dim=768,
+    encoder_depth=12,
+    encoder_num_heads=12,
+    encoder_global_attn_indexes=(2, 5, 8, 11),
+    window_size=14,
+    prompt_embed_dim=384,
+    decoder_heads=8,
+    decoder_mlp_dim=2048,
+    mask_in_chans=16,
+    rel_pos_bias="upstream",
+)
+
+#: what the lite variants change: 64^3 windows (96 mm at 1.5 mm) of 8^3 patches, all blocks global, narrower
 _LITE = dict(
+    _RELEASED,
     image_size=64,
     patch_size=8,
     encoder_embed_dim=256,
@@ -110,47 +127,27 @@ _LITE = dict(
     encoder_global_attn_indexes=(),
     window_size=0,
     prompt_embed_dim=192,
-    decoder_heads=8,
     decoder_mlp_dim=1024,
-    mask_in_chans=16,
     rel_pos_bias="decomposed",
 )
 
 
 VARIANTS: Mapping[str, Variant] = MappingProxyType(
     {
-        "sam_med3d": _sam_variant(
-            "the released configuration; loads the official checkpoints",
-            image_size=128,
-            patch_size=16,
-            encoder_embed_dim=768,
-            encoder_depth=12,
-            encoder_num_heads=12,
-            encoder_global_attn_indexes=(2, 5, 8, 11),
-            window_size=14,
-            prompt_embed_dim=384,
-            decoder_heads=8,
-            decoder_mlp_dim=2048,
-            mask_in_chans=16,
-            rel_pos_bias="upstream",
-        ),
+        "sam_med3d": _sam_variant("the released configuration; loads the official checkpoints", **_RELEASED),
         "sam_med3d_small": _sam_variant(
             "the released structure at half width: training on a CPU or a small GPU",
-            image_size=128,
-            patch_size=16,
-            encoder_embed_dim=384,
-            encoder_depth=6,
-            encoder_num_heads=6,
-            encoder_global_attn_indexes=(2, 5),
-            window_size=14,
-            prompt_embed_dim=192,
-            decoder_heads=8,
-            decoder_mlp_dim=1024,
-            mask_in_chans=16,
-            rel_pos_bias="upstream",
+            **dict(
+                _RELEASED,
+                encoder_embed_dim=384,
+                encoder_depth=6,
+                encoder_num_heads=6,
+                encoder_global_attn_indexes=(2, 5),
+                prompt_embed_dim=192,
+                decoder_mlp_dim=1024,
+            ),
         ),
-        # Trained by this bundle on a CPU (the shipped model.pt): 64^3 windows (96 mm at 1.5 mm) of 8^3
-        # patches, all blocks global, with the textbook bias it was trained with.
+        # Trained by this bundle on a CPU (the shipped model.pt's encoder): the textbook bias it was trained with.
         "sam_med3d_lite": _sam_variant("64^3 windows of 8^3 patches at 1.5 mm; low-res (3 mm) logits", **_LITE),
         # Full-resolution variants (custom/networks/sam_med3d_fullres.py): a convolutional stem and a decoder that
         # predicts the window's 1.5 mm voxels; no axis swap in the dense positional encoding (trained here).
@@ -166,18 +163,16 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType(
         ),
         "sam_med3d_tiny": _sam_variant(
             "tests and quick experiments",
-            image_size=128,
-            patch_size=16,
-            encoder_embed_dim=192,
-            encoder_depth=4,
-            encoder_num_heads=3,
-            encoder_global_attn_indexes=(1, 3),
-            window_size=14,
-            prompt_embed_dim=96,
-            decoder_heads=4,
-            decoder_mlp_dim=512,
-            mask_in_chans=16,
-            rel_pos_bias="upstream",
+            **dict(
+                _RELEASED,
+                encoder_embed_dim=192,
+                encoder_depth=4,
+                encoder_num_heads=3,
+                encoder_global_attn_indexes=(1, 3),
+                prompt_embed_dim=96,
+                decoder_heads=4,
+                decoder_mlp_dim=512,
+            ),
         ),
         # 3DMedSAM (custom/networks/medsam3d.py): 2D SAM ViT-B, frozen, with 3D adapters; 64^3 crops of 8^3
         # patches; 2D SAM's textbook 2D bias carried to 3D. ``sam2d_checkpoint`` names a segment-anything
