@@ -699,6 +699,9 @@ class EpochSampler(Sampler):
         seed: the run's seed.
         num_replicas, rank: the share of one of ``num_replicas`` processes (DDP); the order is padded to a
             multiple of ``num_replicas`` by repeating its start, so every rank has as many samples.
+
+    Hand-written rather than Ignite's deterministic engine (``ReproducibleBatchSampler``): each sample gets its own
+    seed, so the random transforms in the loader's workers draw alike whatever the number of workers or ranks.
     """
 
     def __init__(

@@ -408,7 +408,8 @@ def _item_key(batchdata: dict, b: int) -> int | str:
 
 def parameter_groups(network: nn.Module, lr: float, decoder_lr_factor: float = 0.1) -> list[dict]:
     """AdamW groups of the parameters that train (see :func:`trainable`): the image encoder's at ``lr``, the
-    prompt encoder's and decoder's at ``lr * decoder_lr_factor``."""
+    prompt encoder's and decoder's at ``lr * decoder_lr_factor``. (MONAI's ``generate_param_groups`` puts every
+    unmatched parameter, frozen ones included, in its last group.)"""
     named = [(name, p) for name, p in network.named_parameters() if p.requires_grad]
     encoder = [p for name, p in named if name.startswith("image_encoder.")]
     rest = [p for name, p in named if not name.startswith("image_encoder.")]
@@ -442,7 +443,8 @@ def trainable(network: nn.Module, freeze_image_encoder: bool = False) -> nn.Modu
     """``network`` with ``requires_grad`` off for what does not train (:func:`untrained_parameter_names`, and
     the whole image encoder with ``freeze_image_encoder``), set once before any wrapper (DDP registers its
     gradient hooks on the parameters that train when it wraps them, and all-reduces without
-    ``find_unused_parameters``)."""
+    ``find_unused_parameters``). (MONAI's ``freeze_layers`` takes one regular expression and warns for every
+    parameter it turns back on; this sets both ways from the names.)"""
     freeze_image_encoder = as_flag(freeze_image_encoder, "freeze_image_encoder")
     frozen = set(untrained_parameter_names(network))
     for name, param in network.named_parameters():
@@ -563,6 +565,9 @@ class SaveLatestCheckpoint:
     When the run ends without a ``model.pt`` (no validation ran: fewer epochs than ``val_interval``), the final
     weights become ``model.pt``, with ``model.json`` saying that no metric chose them; a later validation of a
     resumed run replaces them (:class:`SaveBestModel`).
+
+    Hand-written rather than MONAI's ``CheckpointSaver``: the resume file also holds the global random generators'
+    states (as tensors, for ``weights_only=True``), and a run without validation still ends with a ``model.pt``.
     """
 
     def __init__(self, output_dir: str, network: nn.Module, state_objects: dict, every_n_iterations: int = 0) -> None:
@@ -652,7 +657,9 @@ class ResumeTrainingState(CheckpointLoader):
 
 class SaveBestModel:
     """Evaluator handler: ``<output_dir>/model.pt`` (``checkpoint_payload``) whenever the key metric
-    improves, with the metric in ``model.json`` beside it."""
+    improves, with the metric in ``model.json`` beside it. (``CheckpointSaver(save_key_metric=True)`` writes its
+    own file names and no metric beside the weights; the bundle, MONAI Label's train task and the model card read
+    these two files.)"""
 
     def __init__(self, output_dir: str, network: nn.Module) -> None:
         self.output_dir = Path(output_dir)

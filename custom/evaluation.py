@@ -407,9 +407,10 @@ class EvaluationReport:
     """Evaluator handler: writes each target's rows to ``metrics.csv`` as it finishes, counts targets on a
     progress bar, and at the end writes ``summary.json`` and ``dice_vs_clicks.png`` and prints a table.
 
-    A rerun into the same ``output_dir`` with the same settings continues: the targets whose rows are all in
-    ``metrics.csv`` are skipped (cases with nothing left are not even loaded); rows of a target that was cut
-    short are dropped. Other settings than the folder's are refused.
+    (MONAI's ``MetricsSaver`` writes once the run ends; these rows are written as each target finishes, so that a
+    run cut short continues.) A rerun into the same ``output_dir`` with the same settings continues: the targets
+    whose rows are all in ``metrics.csv`` are skipped (cases with nothing left are not even loaded); rows of a
+    target that was cut short are dropped. Other settings than the folder's are refused.
 
     Args:
         output_dir: where the files go.

@@ -388,6 +388,9 @@ class SaveSegmentationd(MapTransform):
         report_key: the dict to write as ``<case>_<postfix>.json`` (from the inferer), merged with
             ``prompt_request`` (the clicks as given) and ``extra_report``.
         extra_report: constant entries for every report (for example the network and checkpoint).
+
+    (MONAI's ``SaveImaged`` writes the image alone through a writer class; this adds the DICOM-SEG on the source
+    series, the report and the preview, each written atomically, and the case-folder check.)
         output_ext: one of :data:`OUTPUT_EXTENSIONS` (``.dcm``: a DICOM-SEG, for DICOM series input only).
         labels_file: the label table (``docs/labels.json``): names and colours of the DICOM-SEG's segments and
             of the preview's outlines (None: ``object <value>`` in default colours).
