@@ -112,8 +112,8 @@ class InteractiveSegmentation(nn.Module):
         wrong_prior_probability: how often an interaction starts from an earlier mask that wrongly holds a
             neighbouring region too (:func:`wrong_earlier_mask`), given as the first step's mask prompt as the
             predictor gives ``set_mask``'s (:func:`~custom.networks.sam_med3d.mask_prompt_logits`): the simulated
-            clicks then include negative ones on that region, so that a negative click learns to remove what an
-            earlier mask holds (issue 26: without it a negative click removed about 40 % of such a region).
+            clicks then include negative ones on that region, for a negative click to learn to remove what an
+            earlier mask holds (one CPU run with 0.3 did not get there: model card, "Shipped model"; default off).
         prior_logit: the magnitude of that mask prompt's logits (the predictor's ``prev_mask_logit``).
     """
 
