@@ -76,7 +76,8 @@ def simulate_boxes(target: torch.Tensor, generator: torch.Generator | None) -> t
         if not target[i].any():
             continue
         if float(torch.rand((), generator=generator)) < 0.5:
-            first, last = torch.tensor(mask_box(target[i].cpu()), dtype=torch.float32).T - torch.tensor([[0.0], [1.0]])
+            extent = torch.tensor(mask_box(target[i].cpu()), dtype=torch.float32)  # (3, 2): [lo, hi) per axis
+            first, last = extent[:, 0], extent[:, 1] - 1
             spread = torch.rand(2, 3, generator=generator) * 0.05 * torch.tensor(size, dtype=torch.float32)
             low = (first - spread[0]).clamp(min=0)
             high = torch.minimum(last + spread[1], torch.tensor(size, dtype=torch.float32) - 1)
@@ -235,12 +236,10 @@ def wrong_earlier_mask(target: torch.Tensor, generator: torch.Generator | None) 
     extent = hi - lo
     shift = max(1, round(extent * (0.5 + 0.5 * float(torch.rand((), generator=generator)))))
     shift = min(shift, target.shape[axis] - 1) * (1 if float(torch.rand((), generator=generator)) < 0.5 else -1)
-    shifted = torch.zeros_like(target)
-    source = [slice(None)] * 3
-    destination = [slice(None)] * 3
-    source[axis] = slice(max(-shift, 0), target.shape[axis] - max(shift, 0))
-    destination[axis] = slice(max(shift, 0), target.shape[axis] - max(-shift, 0))
-    shifted[tuple(destination)] = target[tuple(source)]  # no wrap-around (torch.roll would bring back the far end)
+    shifted = torch.roll(target, shift, dims=axis)
+    wrapped = [slice(None)] * 3
+    wrapped[axis] = slice(0, shift) if shift > 0 else slice(shift, None)
+    shifted[tuple(wrapped)] = False  # what the roll brought round from the far end
     return target | shifted
 
 

@@ -44,15 +44,6 @@ logger = logging.getLogger(__name__)
 FIELDS = ("case", "class", "click", "point", "positive", "dice", "nsd", "seconds", "case_seconds")
 
 
-def _foreground_box(*masks: torch.Tensor, margin: int = 1) -> tuple[slice, ...] | None:
-    """The bounding box of the masks' union, widened by ``margin`` voxels (None if all are empty)."""
-    union = masks[0].clone()
-    for mask in masks[1:]:
-        union |= mask
-    box = mask_box(union, margin)
-    return None if box is None else tuple(slice(lo, hi) for lo, hi in box)
-
-
 def _union_box(
     truth: tuple[slice, ...], predicted: tuple[slice, ...] | None, shape: Sequence[int], margin: int = 1
 ) -> tuple[slice, ...]:
@@ -70,10 +61,11 @@ def dice_and_nsd(prediction: torch.Tensor, truth: torch.Tensor, spacing: Sequenc
     Both are computed over the bounding box of the two masks (plus one voxel): the same numbers as over the
     whole volume, at the cost of the objects' size, not the scan's.
     """
-    box = _foreground_box(prediction, truth)
+    box = mask_box(prediction | truth, margin=1)
     if box is None:
         return 1.0, 1.0  # both empty
-    prediction, truth = prediction[box], truth[box]
+    crop = tuple(slice(lo, hi) for lo, hi in box)
+    prediction, truth = prediction[crop], truth[crop]
     overlap = int((prediction & truth).sum())
     dice = 2 * overlap / (int(prediction.sum()) + int(truth.sum()))
     if not prediction.any() or not truth.any():

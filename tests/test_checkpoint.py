@@ -126,18 +126,17 @@ def test_missing_file_and_non_checkpoint(tmp_path):
         read_checkpoint(tmp_path / "nostate.pth")
 
 
+def _convert_command(src, dst, *options: str) -> list[str]:
+    """``bundle/scripts/convert_checkpoint.py`` from ``src`` to ``dst`` with ``options``, as a command line."""
+    script = str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py")
+    return [sys.executable, script, "--src", str(src), "--dst", str(dst), *options]
+
+
 def test_convert_script_writes_weights_only_file(tiny, tmp_path):
     src = tmp_path / "legacy.pth"
     torch.save({"model_state_dict": tiny.state_dict(), "args": argparse.Namespace(lr=1.0)}, src)
     dst = tmp_path / "out" / "model.pt"
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"),
-        "--src",
-        str(src),
-        "--dst",
-        str(dst),
-    ]
+    cmd = _convert_command(src, dst)
     result = subprocess.run(cmd + ["--network_name", "sam_med3d_tiny"], capture_output=True, text=True)
     assert result.returncode != 0 and "allow_pickle" in result.stderr
     assert not dst.exists()
@@ -158,17 +157,9 @@ def test_convert_to_half_precision_loads_into_float32(tiny, tmp_path):
     src = tmp_path / "full.pt"
     torch.save({"model": tiny.state_dict()}, src)
     dst = tmp_path / "half.pt"
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"),
-        "--src",
-        str(src),
-        "--dst",
-        str(dst),
-        "--dtype",
-        "float16",
-    ]
-    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    assert (
+        subprocess.run(_convert_command(src, dst, "--dtype", "float16"), capture_output=True, text=True).returncode == 0
+    )
     assert dst.stat().st_size < 0.6 * src.stat().st_size
     half = torch.load(dst, weights_only=True)["model"]
     assert half["image_encoder.pos_embed"].dtype == torch.float16
@@ -266,16 +257,8 @@ def test_convert_writes_a_bare_model_and_prints_its_conventions(tmp_path):
     torch.save(checkpoint_payload(trained), src)
     dst = tmp_path / "bundle" / "models" / "model.pt"
     dst.parent.mkdir(parents=True)
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "bundle/scripts/convert_checkpoint.py"),
-        "--src",
-        str(src),
-        "--dst",
-        str(dst),
-    ]
-    cmd += ["--network_name", "sam_med3d_lite_fullres_clickmaps", "--dtype", "float16", "--bare", "True"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    options = ["--network_name", "sam_med3d_lite_fullres_clickmaps", "--dtype", "float16", "--bare", "True"]
+    result = subprocess.run(_convert_command(src, dst, *options), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "'rel_pos_bias': 'decomposed', 'dense_pe_axis_swap': False" in result.stdout
     stored = torch.load(dst, weights_only=True)

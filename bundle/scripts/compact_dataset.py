@@ -1,6 +1,6 @@
 """A compact copy of an MSD-style dataset for a machine reached through a small transfer (a lent GPU: 64 MiB).
 
-    python bundle/scripts/compact_dataset.py --src ../shared/data/openkbp --dst .gpu/data/openkbp --margin_mm 48
+    python bundle/scripts/compact_dataset.py --src data/openkbp --dst .gpu/data/openkbp --margin_mm 48
 
 Each case is cropped to its labels' bounding box plus ``margin_mm`` (training windows never reach further: half a
 window plus the largest offset of ``CropAroundClickd``, 48 + 24 mm for the shipped variant's 96 mm window when the

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, on a machine with CUDA, from the repository root:
 #     bash bundle/scripts/gpu_check.sh
-# Installs the pure-Python packages the machine lacks from .whl/ when present (bash ../shared/tools/device-wheels.sh
-# fetches them on a machine with a package index), runs the tests marked `gpu`, then trains sam_med3d_small at
+# Installs the pure-Python packages the machine lacks from .whl/ when present (wheels downloaded beforehand with
+# `pip download --no-deps -d .whl ...` on a machine with a package index), runs the tests marked `gpu`, then trains sam_med3d_small at
 # 128^3 for about three minutes and prints steps/s and peak GPU memory.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
