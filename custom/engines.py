@@ -36,7 +36,7 @@ from .networks.checkpoint import checkpoint_payload, save_atomic
 from .networks.common import as_flag
 from .networks.sam_med3d import mask_prompt_logits, upsample_logits
 from .precision import autocast, check_autocast_dtype
-from .prompts import check_click_memory, mask_box, simulated_click
+from .prompts import check_click_memory, mask_box, simulated_click, uniform_error_click
 from .seeding import seeded_generator
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,10 @@ class InteractiveSegmentation(nn.Module):
             clicks then include negative ones on that region, for a negative click to learn to remove what an
             earlier mask holds (one CPU run with 0.3 did not get there: model card, "Shipped model"; default off).
         prior_logit: the magnitude of that mask prompt's logits (the predictor's ``prev_mask_logit``).
+        correction_weight: in an interaction that starts from such a wrong earlier mask, the second click is
+            negative, uniform in the part of the wrongly held region the first step still predicts, and the loss
+            of the step that answers it weighs ``correction_weight`` times a click step (1: no forced negative
+            click; the second click is drawn by the protocol).
     """
 
     def __init__(
@@ -131,8 +135,11 @@ class InteractiveSegmentation(nn.Module):
         mask_only_weight: float = 1.0,
         wrong_prior_probability: float = 0.0,
         prior_logit: float = 4.0,
+        correction_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        if correction_weight < 0:
+            raise ValueError(f"correction_weight must be >= 0, got {correction_weight}")
         if not 0 <= wrong_prior_probability <= 1:
             raise ValueError(f"wrong_prior_probability must be in [0, 1], got {wrong_prior_probability}")
         if box_probability > 0 and not getattr(getattr(network, "prompt_encoder", None), "box_prompts", False):
@@ -150,6 +157,7 @@ class InteractiveSegmentation(nn.Module):
         self.mask_only_weight = float(mask_only_weight)
         self.wrong_prior_probability = float(wrong_prior_probability)
         self.prior_logit = float(prior_logit)
+        self.correction_weight = float(correction_weight)
 
     def mask_only_steps(self, generator: torch.Generator | None) -> set[int]:
         """The steps of one interaction that pass no click (drawn from ``generator``)."""
@@ -162,12 +170,15 @@ class InteractiveSegmentation(nn.Module):
         steps.discard(0)
         return steps
 
-    def step_weights(self, mask_only: set[int]) -> torch.Tensor:
+    def step_weights(self, mask_only: set[int], correction_step: int | None = None) -> torch.Tensor:
         """``(steps,)`` loss weights summing to 1: each click step 1, each mask-only step ``mask_only_weight``
-        (before normalising), so that the loss is a weighted mean over steps and the click steps carry it."""
+        and the ``correction_step`` (a forced negative click) ``correction_weight`` (before normalising), so that
+        the loss is a weighted mean over steps and the click steps carry it."""
         weights = torch.tensor(
             [self.mask_only_weight if step in mask_only else 1.0 for step in range(self.num_click_steps)]
         )
+        if correction_step is not None:
+            weights[correction_step] = self.correction_weight
         return weights / weights.sum()
 
     def forward(
@@ -189,7 +200,7 @@ class InteractiveSegmentation(nn.Module):
         truth = target[:, 0] > 0.5
         prediction = torch.zeros_like(truth)
         mask_only_steps = self.mask_only_steps(generator)
-        low_res, outputs = None, []
+        low_res, outputs, wrongly_held, correction_step = None, [], None, None
         # drawn only when enabled, so that runs without it draw the same clicks as before it existed
         if (
             self.wrong_prior_probability > 0
@@ -197,6 +208,8 @@ class InteractiveSegmentation(nn.Module):
         ):
             prior = torch.stack([wrong_earlier_mask(t, generator) for t in truth])[:, None]
             low_res = mask_prompt_logits(self.network, prior, embedding.shape[2:], self.prior_logit).to(image.dtype)
+            if self.correction_weight != 1.0 and self.num_click_steps > 1 and 1 not in mask_only_steps:
+                wrongly_held, correction_step = prior[:, 0] & ~truth, 1
         history: list[tuple[torch.Tensor, torch.Tensor]] = []
         clicks = 0
         for step in range(self.num_click_steps):
@@ -209,6 +222,8 @@ class InteractiveSegmentation(nn.Module):
                     history.append(simulate_boxes(truth, generator))
                 else:
                     coords, labels = simulate_clicks(prediction, truth, generator, self.click_protocol, clicks)
+                    if step == correction_step:
+                        coords, labels = _negative_clicks_in(prediction & wrongly_held, coords, labels, generator)
                     if step == 0 and first_click is not None:
                         coords, labels = _given_first_clicks(first_click, truth, coords, labels)
                     history.append((coords, labels))
@@ -221,7 +236,21 @@ class InteractiveSegmentation(nn.Module):
             outputs.append(logits)
             prediction = logits.detach()[:, 0] > 0
         logits = torch.stack(outputs)
-        return (logits, self.step_weights(mask_only_steps)) if return_weights else logits
+        return (logits, self.step_weights(mask_only_steps, correction_step)) if return_weights else logits
+
+
+def _negative_clicks_in(
+    region: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A negative click uniform in each item's ``(B, D, H, W)`` bool ``region``; items with an empty region keep
+    their ``coords`` ``(B, 1, 3)`` / ``labels`` ``(B, 1)``."""
+    coords, labels = coords.clone(), labels.clone()
+    for b in range(region.shape[0]):
+        # a prediction of the region against an empty truth: the protocol's false positives are the region
+        click = uniform_error_click(region[b], torch.zeros_like(region[b]), generator)
+        if click is not None:
+            coords[b, 0], labels[b, 0] = click[0].to(coords.device), click[1]
+    return coords, labels
 
 
 def wrong_earlier_mask(target: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

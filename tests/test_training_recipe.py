@@ -182,6 +182,51 @@ def test_an_interaction_from_a_wrong_earlier_mask_gets_it_as_mask_prompt_and_a_n
     assert plain.mask_inputs[0] is None  # off by default: the interaction starts from nothing
 
 
+class _MissingSpy(_Spy):
+    """Answers a mask prompt with itself minus the target's core: the first prediction misses most of the target
+    (a large false-negative region) and keeps the wrongly held part (a false-positive one)."""
+
+    def decode(self, embedding, coords, labels, mask_input=None):
+        logits, _ = super().decode(embedding, coords, labels, mask_input)
+        logits = logits.clone()
+        logits[..., 9:15, 9:15, 9:15] = -4.0
+        return logits, None
+
+
+def test_a_correction_weight_forces_the_second_click_negative_on_the_wrongly_held_part_and_weighs_its_step():
+    target = torch.zeros(1, 1, 24, 24, 24)
+    target[:, :, 8:16, 8:16, 8:16] = 1
+    truth = target[0, 0] > 0
+    second_labels = {}
+    for weight in (1.0, 3.0):
+        second_labels[weight] = []
+        for seed in range(12):
+            spy = _MissingSpy()
+            model = InteractiveSegmentation(
+                spy,
+                num_click_steps=3,
+                mask_only_step_range=None,
+                last_step_mask_only=False,
+                wrong_prior_probability=1.0,
+                correction_weight=weight,
+                click_memory="all",
+            )
+            _, weights = model(torch.zeros(1, 1, 24, 24, 24), target, torch.Generator().manual_seed(seed), None, True)
+            coords, labels = spy.calls[1]
+            second_labels[weight].append(int(labels[0, -1]))
+            if weight != 1.0:
+                voxel = tuple(coords[0, -1].long().tolist())
+                held = spy.mask_inputs[0][0, 0] > 0  # the wrong earlier mask
+                assert labels[0, -1] == 0 and held[voxel] and not truth[voxel]
+                assert torch.allclose(weights, torch.tensor([1.0, weight, 1.0]) / (2 + weight))
+            else:
+                assert torch.allclose(weights, torch.full((3,), 1 / 3))
+    assert 1 in second_labels[1.0]  # unforced, the protocol also clicks the missed target ...
+    assert set(second_labels[3.0]) == {0}  # ... forced, always the wrongly held part
+    with pytest.raises(ValueError, match="correction_weight"):
+        InteractiveSegmentation(_Spy(), correction_weight=-1)
+
+
 def test_mask_only_steps_weigh_what_they_are_given():
     model = InteractiveSegmentation(_Spy(), num_click_steps=5, mask_only_step_range=(2, 2), mask_only_weight=0.5)
     weights = model.step_weights(model.mask_only_steps(torch.Generator().manual_seed(0)))
