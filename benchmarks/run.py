@@ -132,13 +132,13 @@ def bench_encoder_vs_vit(dtype: str, rounds: int) -> dict:
 def bench_bf16_error(fixture: str, repeats: int) -> dict:
     """bf16 autocast against float32 on the upstream fixture (``tests/data/upstream_parity``): the embedding's
     relative L2 and max-abs errors, and those of the upstream float64 result against float32."""
-    from custom.networks import build_sam_med3d, load_checkpoint
+    from custom.networks import build_sam_med3d, load_weights
 
     folder = REPO / "tests" / "data" / fixture
     io = torch.load(folder / "upstream_tiny_io.pt", weights_only=True)
     overrides = dict(image_size=64, patch_size=8, encoder_embed_dim=192, encoder_depth=4, encoder_num_heads=3)
     network = build_sam_med3d("sam_med3d", encoder_global_attn_indexes=(1, 3), prompt_embed_dim=96, **overrides)
-    load_checkpoint(network.eval(), folder / "upstream_tiny.pth")
+    load_weights(network.eval(), folder / "upstream_tiny.pth")
     with torch.no_grad():
         fp32 = network.encode(io["image"])
         started = time.perf_counter()
@@ -196,7 +196,8 @@ def bench_case(dtype: str, repeats: int) -> dict:
     import numpy as np
     from monai.bundle import ConfigWorkflow
 
-    from custom.networks import build_sam_med3d, checkpoint_payload, save_atomic
+    from custom.networks import build_sam_med3d, checkpoint_payload
+    from custom.networks.checkpoint import save_atomic
 
     folder = Path(tempfile.mkdtemp())
     volume = np.random.default_rng(0).normal(0, 300, (512, 512, 100)).astype(np.int16)
@@ -288,7 +289,8 @@ def shipped_network_name() -> str:
 
 def _checkpoint(name: str, folder: Path) -> Path:
     """The shipped model for its variant, random weights (written once) for other variants."""
-    from custom.networks import build_sam_med3d, checkpoint_payload, save_atomic
+    from custom.networks import build_sam_med3d, checkpoint_payload
+    from custom.networks.checkpoint import save_atomic
 
     if name == shipped_network_name():
         return REPO / "bundle" / "models" / "model.pt"
@@ -362,12 +364,12 @@ def bench_ct_first_click(name: str, repeats: int) -> dict:
     is timed apart."""
     from monai.transforms import EnsureChannelFirst, LoadImage
 
-    from custom.networks import build_sam_med3d, load_checkpoint
+    from custom.networks import build_sam_med3d, load_weights
     from custom.predictor import VolumetricPredictor
 
     image_path, _, clicks = synthetic_ct()
     network = build_sam_med3d(name).eval()
-    load_checkpoint(network, _checkpoint(name, image_path.parent))
+    load_weights(network, _checkpoint(name, image_path.parent))
     predictor = VolumetricPredictor(network, intensity_clamp_by_modality={"CT": (-1000, 1000)})
     started = time.perf_counter()
     image = EnsureChannelFirst()(LoadImage(image_only=True)(str(image_path)))
@@ -394,13 +396,13 @@ def bench_ct_click(name: str, repeats: int) -> dict:
     import numpy as np
 
     from custom.interaction import simulate_interaction
-    from custom.networks import build_sam_med3d, load_checkpoint
+    from custom.networks import build_sam_med3d, load_weights
     from custom.predictor import VolumetricPredictor
     from custom.seeding import seeded_generator
 
     image, label, _ = synthetic_ct()
     network = build_sam_med3d(name).eval()
-    load_checkpoint(network, _checkpoint(name, image.parent))
+    load_weights(network, _checkpoint(name, image.parent))
     predictor = VolumetricPredictor(network, intensity_clamp_by_modality={"CT": (-1000, 1000)})
     predictor.set_image(str(image), modality="CT")
     truth_map = torch.as_tensor(np.asarray(nib.load(label).dataobj, dtype=np.uint8))
@@ -427,12 +429,12 @@ def bench_onnx(name: str, repeats: int) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from custom.networks import build_sam_med3d, load_checkpoint
+    from custom.networks import build_sam_med3d, load_weights
     from custom.networks.export import export_onnx
 
     network = build_sam_med3d(name).eval()
     if name == "sam_med3d_lite":
-        load_checkpoint(network, REPO / "bundle" / "models" / "model.pt")
+        load_weights(network, REPO / "bundle" / "models" / "model.pt")
     folder = Path(tempfile.mkdtemp())
     encode_path, prompt_path = export_onnx(network, folder)
     options = ort.SessionOptions()

@@ -86,14 +86,14 @@ def _trained(run_dir: Path, overrides: dict) -> tuple[dict, torch.nn.Module]:
     """The network of an earlier run of this harness, with its last weights and iteration count."""
     from monai.bundle import ConfigParser
 
-    from custom.networks import load_checkpoint
+    from custom.networks import load_weights
 
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundle/configs/train.json"))
     parser.update(overrides)
     network_name = parser.get_parsed_content("network_name")
     network = parser.get_parsed_content("network_def")
-    load_checkpoint(network, run_dir / "model_latest.pt")
+    load_weights(network, run_dir / "model_latest.pt")
     state = torch.load(run_dir / "training_state.pt", map_location="cpu", weights_only=True)
     return {"iterations": int(state["trainer"]["iteration"]), "network_name": network_name}, network
 

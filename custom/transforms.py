@@ -20,6 +20,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import LoadImaged, MapTransform, Randomizable
+from monai.utils import ensure_tuple_rep
 
 from .cases import CaseError, case_name, missing_prompt_error, safe_name
 from .files import inside_folder, write_atomic, write_text_atomic
@@ -539,7 +540,7 @@ class SelectTargetd(MapTransform, Randomizable):
         return d
 
 
-def _crop_around(d: dict, keys: Sequence[Hashable], centre: np.ndarray, roi_size: int, spacing_mm: float) -> None:
+def _crop_around(d: dict, keys: Sequence[Hashable], centre: np.ndarray, roi_size: int, spacing_mm: np.ndarray) -> None:
     """Crop every key of ``d``, on its own grid, to the region that becomes a ``roi_size^3`` window at ``spacing_mm``
     once resampled, centred on ``centre`` (voxel indices of that grid); outside the image is zero-padded and the
     affine updated, so that ``Spacingd`` and ``ResizeWithPadOrCropd(roi_size)`` finish the window."""
@@ -566,7 +567,7 @@ class CropAroundTargetd(MapTransform, Randomizable):
         keys: image and label keys.
         label_key: the binary target whose bounding box centres the crop.
         roi_size: window side after resampling (voxels).
-        spacing_mm: the resampled voxel size.
+        spacing_mm: the resampled voxel size (mm), one per axis or one for all.
         jitter_mm: half-width of the uniform jitter of the centre (0 for validation).
     """
 
@@ -575,13 +576,13 @@ class CropAroundTargetd(MapTransform, Randomizable):
         keys: KeysCollection,
         label_key: str = "label",
         roi_size: int = 128,
-        spacing_mm: float = 1.5,
+        spacing_mm: Sequence[float] | float = 1.5,
         jitter_mm: float = 0.0,
     ) -> None:
         MapTransform.__init__(self, keys)
         self.label_key = label_key
         self.roi_size = roi_size
-        self.spacing_mm = spacing_mm
+        self.spacing_mm = np.asarray(ensure_tuple_rep(spacing_mm, 3), dtype=np.float64)
         self.jitter_mm = jitter_mm
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -612,7 +613,7 @@ class CropAroundClickd(MapTransform, Randomizable):
         keys: image and label keys.
         label_key: the binary target.
         roi_size: window side after resampling (voxels).
-        spacing_mm: the resampled voxel size.
+        spacing_mm: the resampled voxel size (mm), one per axis or one for all.
         centre_probability: how often the window is centred on the click.
         max_offset_mm: half-width of the uniform offset otherwise; at most half the window minus one voxel, so
             that the click stays inside.
@@ -624,13 +625,13 @@ class CropAroundClickd(MapTransform, Randomizable):
         keys: KeysCollection,
         label_key: str = "label",
         roi_size: int = 64,
-        spacing_mm: float = 1.5,
+        spacing_mm: Sequence[float] | float = 1.5,
         centre_probability: float = 0.3,
         max_offset_mm: float = 24.0,
         click_key: str = "first_click_world",
     ) -> None:
         MapTransform.__init__(self, keys)
-        half_window_mm = (roi_size / 2 - 1) * spacing_mm
+        half_window_mm = (roi_size / 2 - 1) * min(ensure_tuple_rep(spacing_mm, 3))
         if not 0 <= max_offset_mm <= half_window_mm:
             raise ValueError(
                 f"max_offset_mm={max_offset_mm} must lie in [0, {half_window_mm}] (the click stays inside)"
@@ -639,7 +640,7 @@ class CropAroundClickd(MapTransform, Randomizable):
             raise ValueError(f"centre_probability must lie in [0, 1], got {centre_probability}")
         self.label_key = label_key
         self.roi_size = roi_size
-        self.spacing_mm = spacing_mm
+        self.spacing_mm = np.asarray(ensure_tuple_rep(spacing_mm, 3), dtype=np.float64)
         self.centre_probability = centre_probability
         self.max_offset_mm = max_offset_mm
         self.click_key = click_key

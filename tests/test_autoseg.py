@@ -15,15 +15,9 @@ from monai.bundle import ConfigWorkflow
 from monai.losses import DiceCELoss
 
 from custom.data import image_case_list
-from custom.networks import (
-    build_autoseg,
-    build_sam_med3d,
-    checkpoint_payload,
-    load_encoder_weights,
-    save_atomic,
-    with_autoseg_checkpoint,
-)
+from custom.networks import build_autoseg, build_sam_med3d, checkpoint_payload, load_weights, with_weights
 from custom.networks.autoseg import default_skip_blocks
+from custom.networks.checkpoint import save_atomic
 
 SAMPLE = REPO_ROOT / "bundle" / "sample"
 # patch 8 like the shipped lite model, 3 blocks: 3 upsampling stages, skips from blocks 0 and 1
@@ -68,7 +62,7 @@ def test_encoder_keys_land_in_the_backbone_and_the_rest_are_reported(tmp_path, w
     state = sam_checkpoint(tmp_path / "sam.pt", wrap, rel_pos_bias=bias)
     net = small_net(3, rel_pos_bias=bias)
     decoder_before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("image_encoder.")}
-    report = load_encoder_weights(net, tmp_path / "sam.pt")
+    report = load_weights(net, tmp_path / "sam.pt", start=True)
     encoder_keys = {k for k in state if k.startswith("image_encoder.")}
     assert set(report.loaded) == encoder_keys and not report.missing and not report.shape_mismatches
     assert set(report.unexpected) == set(state) - encoder_keys
@@ -83,30 +77,30 @@ def test_encoder_keys_land_in_the_backbone_and_the_rest_are_reported(tmp_path, w
 def test_encoder_loading_errors_name_the_problem(tmp_path):
     net = small_net(3)
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
-        load_encoder_weights(net, tmp_path / "nowhere.pt")
+        load_weights(net, tmp_path / "nowhere.pt", start=True)
     save_atomic({"model": {"mask_decoder.w": torch.zeros(2)}}, tmp_path / "decoder_only.pt")
     with pytest.raises(ValueError, match=r"decoder_only.pt.*no 'image_encoder\.\*' key"):
-        load_encoder_weights(net, tmp_path / "decoder_only.pt")
+        load_weights(net, tmp_path / "decoder_only.pt", start=True)
     sam_checkpoint(tmp_path / "wide.pt", encoder_embed_dim=64, encoder_num_heads=4)
     mismatch = r"shape mismatch: image_encoder\.pos_embed \(file \(1, 4, 4, 4, 64\), model \(1, 4, 4, 4, 32\)\)"
     with pytest.raises(ValueError, match=mismatch):
-        load_encoder_weights(net, tmp_path / "wide.pt")
+        load_weights(net, tmp_path / "wide.pt", start=True)
     deeper = small_net(3, encoder_depth=4)
     sam_checkpoint(tmp_path / "sam.pt")
     with pytest.raises(ValueError, match=r"missing from the file: image_encoder\.blocks\.3\."):
-        load_encoder_weights(deeper, tmp_path / "sam.pt")
+        load_weights(deeper, tmp_path / "sam.pt", start=True)
 
 
 def test_autoseg_checkpoint_with_other_class_count_is_refused(tmp_path):
     trained = small_net(8)
     save_atomic(checkpoint_payload(trained), tmp_path / "autoseg.pt")
     with pytest.raises(ValueError, match=r"predicts 8 classes .* out_channels=3"):
-        with_autoseg_checkpoint(small_net(3), tmp_path / "autoseg.pt")
+        with_weights(small_net(3), tmp_path / "autoseg.pt")
     with pytest.raises(FileNotFoundError, match="train_autoseg.json"):
-        with_autoseg_checkpoint(trained, tmp_path / "absent.pt")
+        with_weights(trained, tmp_path / "absent.pt")
     with pytest.raises(ValueError, match="out_channels must be an integer >= 2"):
         build_autoseg("sam_med3d_lite", out_channels=1, **LITE)
-    loaded = with_autoseg_checkpoint(small_net(8), tmp_path / "autoseg.pt")
+    loaded = with_weights(small_net(8), tmp_path / "autoseg.pt")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
 
 
@@ -191,7 +185,7 @@ def test_training_through_the_bundle_initialises_the_encoder_and_writes_checkpoi
     assert summary["key_metric"] == "val_mean_dice" and 0.0 <= summary["best_metric"] <= 1.0
     for name in ("model.pt", "model_latest.pt"):
         net = small_net(3)
-        with_autoseg_checkpoint(net, run / name)  # strict: every key, same shapes
+        with_weights(net, run / name)  # strict: every key, same shapes
     with pytest.raises(ValueError, match="holds no cases"):
         empty = tmp_path / "empty.json"
         empty.write_text("[]")

@@ -208,18 +208,20 @@ def test_a_challenge_npz_case_runs_end_to_end(tmp_path):
 
 
 def test_a_box_variant_fine_tunes_from_released_kind_weights_and_a_mismatch_names_the_fix(tmp_path):
-    from custom.networks import checkpoint_payload, with_checkpoint, with_pretrained
+    from custom.networks import checkpoint_payload, with_weights
 
     small = {"image_size": 32, "encoder_depth": 2, "encoder_global_attn_indexes": (1,), "window_size": 6}
     released_kind = randomize_(build_sam_med3d("sam_med3d_tiny", **small))
     torch.save(checkpoint_payload(released_kind), tmp_path / "plain.pt")
-    boxed = with_pretrained(build_sam_med3d("sam_med3d_tiny", box_prompts=True, **small), tmp_path / "plain.pt")
+    boxed = with_weights(
+        build_sam_med3d("sam_med3d_tiny", box_prompts=True, **small), tmp_path / "plain.pt", start=True
+    )
     torch.testing.assert_close(boxed.image_encoder.state_dict(), released_kind.image_encoder.state_dict())
     torch.save(checkpoint_payload(boxed), tmp_path / "boxed.pt")
     with pytest.raises(ValueError, match="box_prompts True"):
-        with_checkpoint(build_sam_med3d("sam_med3d_tiny", **small), tmp_path / "boxed.pt")
+        with_weights(build_sam_med3d("sam_med3d_tiny", **small), tmp_path / "boxed.pt")
     with pytest.raises(ValueError, match="box_corner_embeddings"):
-        with_checkpoint(build_sam_med3d("sam_med3d_tiny", box_prompts=True, **small), tmp_path / "plain.pt")
+        with_weights(build_sam_med3d("sam_med3d_tiny", box_prompts=True, **small), tmp_path / "plain.pt")
 
 
 def test_mask_box_is_the_bounding_box_of_the_voxels_widened_within_the_shape():

@@ -12,7 +12,8 @@ import pytest
 import torch
 from helpers import REPO_ROOT, randomize_
 
-from custom.networks import build_sam_med3d, checkpoint_payload, load_checkpoint, read_checkpoint
+from custom.networks import build_sam_med3d, checkpoint_payload, load_weights
+from custom.networks.checkpoint import read_checkpoint
 
 
 @pytest.fixture()
@@ -55,7 +56,7 @@ def test_accepted_formats_load_strictly(tiny, tmp_path, wrap):
     path = tmp_path / "ckpt.pth"
     torch.save(wrap(tiny.state_dict()), path)
     fresh = build_sam_med3d("sam_med3d_tiny")
-    report = load_checkpoint(fresh, path)
+    report = load_weights(fresh, path)
     assert report.ok and len(report.loaded) == len(tiny.state_dict())
     _assert_same_weights(fresh, tiny)
 
@@ -66,7 +67,7 @@ def test_released_configuration_turbo_file(tmp_path):
     path = tmp_path / "sam_med3d_turbo.pth"
     torch.save({"model_state_dict": OrderedDict(model.state_dict())}, path)
     fresh = build_sam_med3d("sam_med3d")
-    report = load_checkpoint(fresh, path)
+    report = load_weights(fresh, path)
     assert len(report.loaded) == 324
     # the Gaussian PE matrix is a buffer in the file: it must be taken, never re-drawn
     key = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
@@ -77,10 +78,10 @@ def test_pickled_legacy_file_needs_opt_in(tiny, tmp_path):
     path = tmp_path / "sam_med3d_organ.pth"
     torch.save({"model_state_dict": tiny.state_dict(), "args": argparse.Namespace(lr=8e-4)}, path)
     with pytest.raises(ValueError, match="allow_pickle=True") as err:
-        load_checkpoint(build_sam_med3d("sam_med3d_tiny"), path)
+        load_weights(build_sam_med3d("sam_med3d_tiny"), path)
     assert "convert_checkpoint.py" in str(err.value) and str(path) in str(err.value)
     fresh = build_sam_med3d("sam_med3d_tiny")
-    load_checkpoint(fresh, path, allow_pickle=True)
+    load_weights(fresh, path, allow_pickle=True)
     _assert_same_weights(fresh, tiny)
 
 
@@ -92,7 +93,7 @@ def test_mismatch_names_missing_unexpected_and_shapes(tiny, tmp_path):
     path = tmp_path / "wrong.pt"
     torch.save({"model": state}, path)
     with pytest.raises(ValueError) as err:
-        load_checkpoint(build_sam_med3d("sam_med3d_tiny"), path)
+        load_weights(build_sam_med3d("sam_med3d_tiny"), path)
     message = str(err.value)
     assert "1 missing from the file: mask_decoder.iou_token.weight" in message
     assert "1 unexpected in the file: image_encoder.extra.weight" in message
@@ -103,9 +104,9 @@ def test_wrong_variant_fails_and_non_strict_reports(tiny, tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save({"model": tiny.state_dict()}, path)
     with pytest.raises(ValueError, match="shape mismatch"):
-        load_checkpoint(build_sam_med3d("sam_med3d_small"), path)
+        load_weights(build_sam_med3d("sam_med3d_small"), path)
     small = build_sam_med3d("sam_med3d_small")
-    report = load_checkpoint(small, path, strict=False)
+    report = load_weights(small, path, strict=False)
     assert "image_encoder.blocks.5.attn.qkv.weight" in report.missing  # tiny has 4 blocks, small 6
     assert "image_encoder.blocks.0.attn.qkv.weight (file (576, 192), model (1152, 384))" in report.shape_mismatches
     assert "prompt_encoder.mask_downscaling.0.weight" in report.loaded  # same shape in both: taken
@@ -149,7 +150,7 @@ def test_convert_script_writes_weights_only_file(tiny, tmp_path):
     assert loaded["dense_pe_axis_swap"] is True  # an upstream file: the released weights' swap
     assert [p.name for p in dst.parent.iterdir()] == ["model.pt"]  # no temporary file left behind
     fresh = build_sam_med3d("sam_med3d_tiny")
-    load_checkpoint(fresh, dst)
+    load_weights(fresh, dst)
     _assert_same_weights(fresh, tiny)
 
 
@@ -164,7 +165,7 @@ def test_convert_to_half_precision_loads_into_float32(tiny, tmp_path):
     half = torch.load(dst, weights_only=True)["model"]
     assert half["image_encoder.pos_embed"].dtype == torch.float16
     fresh = build_sam_med3d("sam_med3d_tiny")
-    load_checkpoint(fresh, dst)
+    load_weights(fresh, dst)
     weight = fresh.state_dict()["image_encoder.blocks.0.attn.qkv.weight"]
     assert weight.dtype == torch.float32
     torch.testing.assert_close(
@@ -177,17 +178,17 @@ def test_files_record_their_bias_and_a_mismatch_is_refused(tmp_path):
     written = tmp_path / "lite.pt"
     torch.save(checkpoint_payload(lite), written)
     assert torch.load(written, weights_only=True)["rel_pos_bias"] == "decomposed"
-    assert load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1), written).ok
+    assert load_weights(build_sam_med3d("sam_med3d_lite", encoder_depth=1), written).ok
     # the same weights in a network with the other bias: the keys fit, the attention would not
     other = build_sam_med3d("sam_med3d_lite", encoder_depth=1, rel_pos_bias="upstream")
     with pytest.raises(ValueError, match=r"records rel_pos_bias='decomposed'.*uses rel_pos_bias='upstream'"):
-        load_checkpoint(other, written)
+        load_weights(other, written)
     # a file that records nothing is an upstream file: refused by a decomposed network, with the way out
     bare = tmp_path / "bare.pt"
     torch.save({"model": lite.state_dict()}, bare)
     with pytest.raises(ValueError, match=r"records no rel_pos_bias.*--rel_pos_bias decomposed"):
-        load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1), bare)
-    assert load_checkpoint(other, bare).ok
+        load_weights(build_sam_med3d("sam_med3d_lite", encoder_depth=1), bare)
+    assert load_weights(other, bare).ok
 
 
 def test_convert_declares_an_old_lite_file(tmp_path):
@@ -208,7 +209,7 @@ def test_convert_declares_an_old_lite_file(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     fresh = build_sam_med3d("sam_med3d_lite")
-    assert load_checkpoint(fresh, declared).ok
+    assert load_weights(fresh, declared).ok
     _assert_same_weights(fresh, lite)
 
 
@@ -219,8 +220,8 @@ def test_files_record_the_axis_swap_and_a_mismatch_is_refused(tmp_path):
     assert torch.load(written, weights_only=True)["dense_pe_axis_swap"] is True
     unswapped = build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False)
     with pytest.raises(ValueError, match=r"dense_pe_axis_swap=True, but the network uses dense_pe_axis_swap=False"):
-        load_checkpoint(unswapped, written)
-    assert load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1), written).ok
+        load_weights(unswapped, written)
+    assert load_weights(build_sam_med3d("sam_med3d_lite", encoder_depth=1), written).ok
 
 
 def _bundle_with_bare_model(root, network, **conventions):
@@ -235,20 +236,20 @@ def test_a_bare_bundle_model_is_checked_against_the_conventions_in_its_metadata(
     trained = randomize_(build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False), seed=8)
     right = _bundle_with_bare_model(tmp_path / "a", trained, rel_pos_bias="decomposed", dense_pe_axis_swap=False)
     fresh = build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False)
-    assert load_checkpoint(fresh, right).ok
+    assert load_weights(fresh, right).ok
     _assert_same_weights(fresh, trained)
     # metadata.json that says the weights were trained with the swap: refused, naming the metadata file
     wrong = _bundle_with_bare_model(tmp_path / "b", trained, rel_pos_bias="decomposed", dense_pe_axis_swap=True)
     with pytest.raises(ValueError, match=r"b/configs/metadata\.json' records dense_pe_axis_swap=True"):
-        load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False), wrong)
+        load_weights(build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False), wrong)
     with pytest.raises(ValueError, match=r"rel_pos_bias='upstream' \(in '.*b/configs/metadata\.json'\)"):
         (tmp_path / "b" / "configs" / "metadata.json").write_text(json.dumps({"rel_pos_bias": "upstream"}))
-        load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1), wrong)
+        load_weights(build_sam_med3d("sam_med3d_lite", encoder_depth=1), wrong)
     # the same bare file outside a bundle records nothing: an upstream file, refused by this variant
     outside = tmp_path / "outside.pt"
     torch.save(trained.state_dict(), outside)
     with pytest.raises(ValueError, match="records no rel_pos_bias"):
-        load_checkpoint(build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False), outside)
+        load_weights(build_sam_med3d("sam_med3d_lite", encoder_depth=1, dense_pe_axis_swap=False), outside)
 
 
 def test_convert_writes_a_bare_model_and_prints_its_conventions(tmp_path):
@@ -267,4 +268,4 @@ def test_convert_writes_a_bare_model_and_prints_its_conventions(tmp_path):
     (tmp_path / "bundle" / "configs" / "metadata.json").write_text(
         json.dumps({"rel_pos_bias": "decomposed", "dense_pe_axis_swap": False})
     )
-    assert load_checkpoint(build_sam_med3d("sam_med3d_lite_fullres_clickmaps"), dst).ok
+    assert load_weights(build_sam_med3d("sam_med3d_lite_fullres_clickmaps"), dst).ok

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import REPO_ROOT, randomize_
 
-from custom.networks import build_sam_med3d, load_checkpoint
+from custom.networks import build_sam_med3d, load_weights
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,7 +41,7 @@ def test_inference_on_the_gpu_matches_the_cpu():
     from custom.predictor import VolumetricPredictor
 
     network = build_sam_med3d("sam_med3d_lite").eval()
-    load_checkpoint(network, REPO_ROOT / "bundle/models/model.pt")
+    load_weights(network, REPO_ROOT / "bundle/models/model.pt")
     sample = str(REPO_ROOT / "bundle/sample/images/openkbp_pt_243.nii.gz")
     masks = []
     for device in ("cpu", "cuda"):

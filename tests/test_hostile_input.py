@@ -32,7 +32,7 @@ from custom.api import segment
 from custom.cases import CaseError
 from custom.data import CaseList
 from custom.files import write_text_atomic
-from custom.networks import build_sam_med3d, checkpoint_payload, load_checkpoint
+from custom.networks import build_sam_med3d, checkpoint_payload, load_weights
 
 BUNDLE = REPO_ROOT / "bundle"
 
@@ -99,7 +99,7 @@ def test_non_finite_weights_and_outputs_are_refused(tmp_path):
     with pytest.raises(
         ValueError, match=r"nan.pt': 1 tensors hold NaN or infinite values \(e.g. mask_decoder.iou_token"
     ):
-        load_checkpoint(build_sam_med3d("sam_med3d_tiny"), tmp_path / "nan.pt")
+        load_weights(build_sam_med3d("sam_med3d_tiny"), tmp_path / "nan.pt")
 
     class NaNNetwork(ThresholdNetwork):
         def decode(self, embedding, point_coords, point_labels, mask_input=None):
@@ -278,12 +278,12 @@ def test_the_safe_entry_takes_file_names_as_they_are(tmp_path):
 def test_empty_and_folder_checkpoints_say_what_they_are(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty.pt' is empty \(0 bytes\)"):
-        load_checkpoint(build_sam_med3d("sam_med3d_tiny"), tmp_path / "empty.pt")
+        load_weights(build_sam_med3d("sam_med3d_tiny"), tmp_path / "empty.pt")
     with pytest.raises(IsADirectoryError, match="is a directory"):
-        load_checkpoint(build_sam_med3d("sam_med3d_tiny"), tmp_path)
+        load_weights(build_sam_med3d("sam_med3d_tiny"), tmp_path)
     (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04broken")
     with pytest.raises(ValueError, match=r"junk.pt' \(10 bytes\) could not be read as a PyTorch file: \S"):
-        load_checkpoint(build_sam_med3d("sam_med3d_tiny"), tmp_path / "junk.pt")
+        load_weights(build_sam_med3d("sam_med3d_tiny"), tmp_path / "junk.pt")
 
 
 def test_lowercase_true_and_false_from_the_command_line_mean_what_they_say(tmp_path):

@@ -18,10 +18,10 @@ from custom.networks import (
     available_networks,
     build_sam_med3d,
     checkpoint_payload,
-    load_checkpoint,
-    save_atomic,
-    with_pretrained,
+    load_weights,
+    with_weights,
 )
+from custom.networks.checkpoint import save_atomic
 
 # A narrow, shallow 3DMedSAM for speed; the ViT-B configuration itself is tested once below.
 SMALL = dict(
@@ -196,7 +196,7 @@ def test_vit_b_checkpoint_loads_with_a_correct_report(vit_b_file, caplog):
     with pytest.raises(
         ValueError, match=r"sam_vit_b\.pth: image_encoder\.patch_embed\.proj\.weight of shape \(768, 3, 16, 16\)"
     ):
-        with_pretrained(small, path)
+        with_weights(small, path, start=True)
 
 
 def test_bad_2d_checkpoints_are_named(tmp_path):
@@ -210,7 +210,7 @@ def test_bad_2d_checkpoints_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"model3d\.pt is not a 2D SAM checkpoint.*segment-anything"):
         build_sam_med3d("medsam3d_adapter", sam2d_checkpoint=str(three_d), **SMALL)
     with pytest.raises(ValueError, match=r"model3d\.pt.*does not match MedSAM3D"):  # strict 3D load via train.json
-        with_pretrained(model, three_d)
+        with_weights(model, three_d, start=True)
 
 
 def test_registry_and_trained_checkpoint_round_trip(tmp_path):
@@ -222,13 +222,13 @@ def test_registry_and_trained_checkpoint_round_trip(tmp_path):
     model = build_sam_med3d("medsam3d_adapter", **SMALL)
     small2d = tmp_path / "small2d.pth"
     save_atomic(sam2d_state_dict(96, 4, 2, (1, 3), prompt=64, decoder_mlp=128), small2d)
-    assert with_pretrained(model, small2d) is model
+    assert with_weights(model, small2d, start=True) is model
     for name, param in model.named_parameters():  # give the new 3D entries values too
         if ".adapter." in name or "fuse_" in name:
             torch.nn.init.normal_(param.data, std=0.05)
     path = save_atomic(checkpoint_payload(model), tmp_path / "trained.pt")
     again = build_sam_med3d("medsam3d_adapter", **SMALL)
-    assert load_checkpoint(again, path).ok  # the strict load inference.json and evaluate.json do
+    assert load_weights(again, path).ok  # the strict load inference.json and evaluate.json do
     image, point = torch.randn(1, 1, 32, 32, 32), torch.tensor([[[10.0, 12.0, 20.0]]])
     with torch.no_grad():
         torch.testing.assert_close(

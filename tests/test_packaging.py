@@ -168,11 +168,11 @@ def test_ckpt_export_by_tracing_reproduces_the_eager_network(package, tmp_path):
     result = subprocess.run(command, cwd=package, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     traced = torch.jit.load(str(target))
-    from custom.networks import build_sam_med3d, load_checkpoint
+    from custom.networks import build_sam_med3d, load_weights
 
     metadata = json.loads((package / "configs/metadata.json").read_text())
     eager = build_sam_med3d(metadata["network_name"]).eval()
-    load_checkpoint(eager, package / "models/model.pt")
+    load_weights(eager, package / "models/model.pt")
     image = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected, got = eager(image), traced(image)

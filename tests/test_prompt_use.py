@@ -14,7 +14,7 @@ from helpers import REPO_ROOT
 from monai.transforms import EnsureChannelFirst, LoadImage
 from scipy import ndimage
 
-from custom.networks import build_sam_med3d, load_checkpoint
+from custom.networks import build_sam_med3d, load_weights
 from custom.predictor import VolumetricPredictor
 from custom.prompts import deepest_point
 
@@ -36,7 +36,7 @@ def _cases(*not_yet: str) -> list:
 def predictor() -> VolumetricPredictor:
     metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     network = build_sam_med3d(metadata["network_name"]).eval()
-    load_checkpoint(network, BUNDLE / "models" / "model.pt")
+    load_weights(network, BUNDLE / "models" / "model.pt")
     return VolumetricPredictor(network, spacing_mm=1.5, click_memory=metadata["click_memory"])
 
 

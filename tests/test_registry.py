@@ -6,9 +6,9 @@ import pytest
 import torch
 from plain_reference import REFERENCE_CONFIG, expected_parameter_count, expected_state_dict_shapes
 
-from custom.networks import SAM_MED3D_VARIANTS, VARIANTS, available_networks, build_medsam3d, build_sam_med3d
+from custom.networks import available_networks, build_medsam3d, build_sam_med3d
 from custom.networks.image_encoder import REL_POS_BIASES
-from custom.networks.registry import build_sam
+from custom.networks.registry import SAM_MED3D_VARIANTS, VARIANTS, build_sam
 
 
 def _parameter_count(model: torch.nn.Module) -> int:

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from helpers import REPO_ROOT
 
-from custom.networks import build_sam_med3d, load_checkpoint, variant
+from custom.networks import build_sam_med3d, load_weights
+from custom.networks.registry import variant
 from custom.window import normalize_crop
 
 BUNDLE = REPO_ROOT / "bundle"
@@ -29,7 +30,7 @@ def test_shipped_model_loads_strictly_into_the_named_variant():
     declared = variant(metadata["network_name"])
     assert metadata["rel_pos_bias"] == declared.rel_pos_bias
     assert metadata["dense_pe_axis_swap"] == declared.settings.get("dense_pe_axis_swap", True)
-    assert load_checkpoint(network, path).ok
+    assert load_weights(network, path).ok
     for config in ("inference.json", "evaluate.json", "train.json"):
         settings = json.loads((BUNDLE / "configs" / config).read_text())
         assert settings["network_name"] == metadata["network_name"], config
@@ -44,7 +45,7 @@ def test_shipped_model_outputs_are_unchanged():
     expected = torch.load(REPO_ROOT / "tests/data/shipped_model_outputs.pt", weights_only=True)
     metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     network = build_sam_med3d(metadata["network_name"]).eval()
-    load_checkpoint(network, BUNDLE / "models" / "model.pt")
+    load_weights(network, BUNDLE / "models" / "model.pt")
     ct = np.asarray(nib.load(BUNDLE / "sample/images/openkbp_pt_243.nii.gz").dataobj, dtype=np.float32)
     d, h, w = expected["crop_start"]
     crop = normalize_crop(torch.as_tensor(ct[d : d + 64, h : h + 64, w : w + 64]).clamp(-1000, 1000)[None])[None]

@@ -16,7 +16,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from custom.data import load_training_datalist
-from custom.networks import build_sam_med3d, load_checkpoint
+from custom.networks import build_sam_med3d, load_weights
 
 MINI = REPO_ROOT / "bundle" / "sample" / "hippocampus_mini"
 FAST = {
@@ -53,7 +53,7 @@ def test_one_epoch_through_the_bundle_writes_checkpoints(tmp_path):
     trainer, _, _ = train(tmp_path, epochs=1, val_interval=1)
     assert trainer.state.iteration == 2  # 4 cases, batch 2
     model = build_sam_med3d("sam_med3d_tiny", image_size=64)
-    assert load_checkpoint(model, tmp_path / "model.pt").ok  # {"model": ..., "rel_pos_bias": ...}, weights_only
+    assert load_weights(model, tmp_path / "model.pt").ok  # {"model": ..., "rel_pos_bias": ...}, weights_only
     for name in ("model.pt", "model_latest.pt"):
         assert torch.load(tmp_path / name, weights_only=True)["rel_pos_bias"] == "upstream"  # sam_med3d_tiny's
     state = torch.load(tmp_path / "training_state.pt", weights_only=True)
@@ -385,7 +385,7 @@ def test_a_run_shorter_than_val_interval_ends_with_a_model(tmp_path, capsys):
     assert final.keys() == latest.keys()
     assert all(torch.equal(final["model"][k], latest["model"][k]) for k in latest["model"])
     model = build_sam_med3d("sam_med3d_tiny", image_size=64)
-    assert load_checkpoint(model, tmp_path / "model.pt").ok
+    assert load_weights(model, tmp_path / "model.pt").ok
     summary = json.loads((tmp_path / "model.json").read_text())
     assert summary["key_metric"] is None and summary["best_metric"] is None and "no validation ran" in summary["note"]
     assert f"{tmp_path / 'model.pt'} holds the final weights" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import REPO_ROOT
 
-from custom.networks import build_sam_med3d, load_checkpoint
+from custom.networks import build_sam_med3d, load_weights
 
 FIXTURE = REPO_ROOT / "tests" / "data" / "upstream_parity"
 # upstream build_sam3D_vit_b_ori(encoder_embed_dim=192, encoder_depth=4, encoder_num_heads=3,
@@ -41,7 +41,7 @@ def upstream_io():
 
 def _network(fast: bool, **overrides) -> torch.nn.Module:
     network = build_sam_med3d("sam_med3d", **UPSTREAM_OVERRIDES, fast_window_attention=fast, **overrides).eval()
-    assert load_checkpoint(network, FIXTURE / "upstream_tiny.pth").ok  # strict
+    assert load_weights(network, FIXTURE / "upstream_tiny.pth").ok  # strict
     return network
 
 
@@ -80,7 +80,7 @@ def test_the_textbook_bias_does_not_reproduce_upstream(upstream_io):
     # The fixture tells the two biases apart: the textbook one is off by far more than the tolerance.
     network = build_sam_med3d("sam_med3d", **UPSTREAM_OVERRIDES, rel_pos_bias="decomposed").eval()
     with pytest.raises(ValueError, match="records no rel_pos_bias.*'decomposed'"):
-        load_checkpoint(network, FIXTURE / "upstream_tiny.pth")
+        load_weights(network, FIXTURE / "upstream_tiny.pth")
     state = torch.load(FIXTURE / "upstream_tiny.pth", weights_only=True)["model_state_dict"]
     network.load_state_dict(state)  # bypassing the check on purpose, to measure what it prevents
     with torch.no_grad():

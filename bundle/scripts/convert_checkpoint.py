@@ -1,4 +1,4 @@
-"""Convert any checkpoint that ``custom.networks.load_checkpoint`` accepts into this bundle's training format,
+"""Convert any checkpoint that ``custom.networks.load_weights`` accepts into this bundle's training format,
 ``{"model": state_dict, "rel_pos_bias": ..., "dense_pe_axis_swap": ...}``, or (``--bare True``) into a bare state
 dict for a bundle's ``models/model.pt``, whose conventions then go into the bundle's ``configs/metadata.json``
 (the script prints them).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import fire
 import torch
 
-from custom.networks import build_sam_med3d, save_atomic
+from custom.networks import build_sam_med3d
 from custom.networks.checkpoint import (
     DENSE_PE_AXIS_SWAP_KEY,
     REL_POS_BIAS_KEY,
@@ -24,6 +24,7 @@ from custom.networks.checkpoint import (
     check_conventions,
     compare_state_dicts,
     open_checkpoint,
+    save_atomic,
 )
 from custom.networks.common import as_flag
 from custom.networks.image_encoder import REL_POS_BIASES

@@ -18,7 +18,7 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT.parent))
 sys.path.insert(0, str(BUNDLE_ROOT))
 
-from custom.networks import build_sam_med3d, load_checkpoint  # noqa: E402
+from custom.networks import build_sam_med3d, load_weights  # noqa: E402
 from custom.networks.export import export_network, export_onnx, save_programs  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def export(ckpt_path: str, network_name: str, output_dir: str = "exported", max_
     """Load ``ckpt_path`` into ``network_name`` and write the two halves to ``output_dir`` (``format``: ``"pt2"``
     or ``"onnx"``)."""
     network = build_sam_med3d(network_name)
-    load_checkpoint(network, ckpt_path)
+    load_weights(network, ckpt_path)
     if format == "onnx":
         paths = export_onnx(network, output_dir, max_points=max_points)
     elif format == "pt2":

@@ -201,24 +201,10 @@ def load_encoder_weights(network: SamEncoderUNETR, path: str | os.PathLike, allo
     return report
 
 
-def with_encoder_weights(
+def load_autoseg_checkpoint(
     network: SamEncoderUNETR, path: str | os.PathLike, allow_pickle: bool = False
-) -> SamEncoderUNETR:
-    """``network`` with its encoder initialised from ``path`` (see :func:`load_encoder_weights`); logs what
-    was taken and left. For bundle configs."""
-    report = load_encoder_weights(network, path, allow_pickle=allow_pickle)
-    left = sorted({k.split(".")[0] for k in report.unexpected})
-    logger.info(
-        f"encoder initialised from {path}: {len(report.loaded)} tensors taken; "
-        f"{len(report.unexpected)} left unused ({', '.join(left) or 'none'})"
-    )
-    return network
-
-
-def with_autoseg_checkpoint(
-    network: SamEncoderUNETR, path: str | os.PathLike, allow_pickle: bool = False
-) -> SamEncoderUNETR:
-    """``network`` with all its weights from an autoseg checkpoint (``{"model": state_dict}``), strictly.
+) -> LoadReport:
+    """All of ``network``'s weights from an autoseg checkpoint (``{"model": state_dict}``), strictly.
 
     Raises:
         ValueError: the file's class count differs from ``network.out_channels`` (both named), or any
@@ -245,5 +231,4 @@ def with_autoseg_checkpoint(
         )
     check_conventions(network, checkpoint)
     network.load_state_dict(file_state)
-    logger.info(f"loaded {path}: {report.describe()}")
-    return network
+    return report

@@ -23,7 +23,6 @@ refused: the weights would load, and silently compute something else than what t
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 from collections.abc import Mapping
@@ -314,15 +313,6 @@ def load_checkpoint(
     check_conventions(model, checkpoint)
     model.load_state_dict({k: file_state[k] for k in report.loaded}, strict=False)
     return report
-
-
-def with_checkpoint(
-    model: nn.Module, path: str | os.PathLike, strict: bool = True, allow_pickle: bool = False
-) -> nn.Module:
-    """``model`` with the weights of ``path`` loaded (see :func:`load_checkpoint`); for bundle configs."""
-    report = load_checkpoint(model, path, strict=strict, allow_pickle=allow_pickle)
-    logging.getLogger(__name__).info(f"loaded {path}: {report.describe()}")
-    return model
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import LoadReport, compare_state_dicts, load_checkpoint, read_checkpoint, with_checkpoint
+from .checkpoint import LoadReport, read_checkpoint
 from .common import LayerNorm3d
 from .image_encoder import Block, PatchEmbed3D, resampled_table
 from .medsam3d_decoder import MultiScaleMaskDecoder3D, SamPromptEncoder3D
@@ -360,25 +360,3 @@ def build_medsam3d(
     trainable, total = model.parameter_counts()
     logger.info(f"medsam3d_adapter: {trainable:,} trainable of {total:,} parameters")
     return model
-
-
-def with_pretrained(model: nn.Module, path: str | os.PathLike, allow_pickle: bool = False) -> nn.Module:
-    """``model`` initialised from ``path``: a 2D SAM checkpoint for a :class:`MedSAM3D`, otherwise (or for
-    any other file) the strict load of :func:`with_checkpoint`, except that a network built with box prompts may
-    start from a file without box embeddings (the released weights): those two embeddings start untrained. For
-    the ``pretrained_ckpt`` of train.json."""
-    if isinstance(model, MedSAM3D):
-        state = read_checkpoint(path, allow_pickle=allow_pickle)
-        if MedSAM3D.is_sam2d_state_dict(state):
-            report = model.load_sam2d_state_dict(state, source=str(path))
-            logging.getLogger(__name__).info(f"loaded {path}: {report.describe()}")
-            return model
-    if getattr(getattr(model, "prompt_encoder", None), "box_prompts", False):
-        probe = compare_state_dicts(model.state_dict(), read_checkpoint(path, allow_pickle=allow_pickle))
-        if probe.missing and all("box_corner_embeddings" in key for key in probe.missing):
-            report = load_checkpoint(model, path, strict=False, allow_pickle=allow_pickle)
-            if report.unexpected or report.shape_mismatches:
-                raise ValueError(f"checkpoint {str(path)!r} does not match {type(model).__name__}: {report.describe()}")
-            logging.getLogger(__name__).info(f"loaded {path}: {report.describe()} (box embeddings start untrained)")
-            return model
-    return with_checkpoint(model, path, allow_pickle=allow_pickle)

@@ -7,7 +7,7 @@ at widths that train on a CPU.
 Every SAM-Med3D variant names its relative-position bias (``rel_pos_bias``, see
 :class:`custom.networks.image_encoder.Attention`): ``"upstream"`` is what the released weights were trained
 with; ``"decomposed"`` (the textbook bias) is what the lite variants trained here use. Checkpoints written by
-this bundle record it, and :func:`custom.networks.load_checkpoint` refuses a file whose bias differs from the
+this bundle record it, and :func:`custom.networks.load_weights` refuses a file whose bias differs from the
 network's. Likewise ``dense_pe_axis_swap``: the released weights' dense positional encoding swaps axes 0 and 1
 (reference §1); the full-resolution variants, trained here, do not.
 
