@@ -37,7 +37,8 @@ def load_weights(
         path: any file :func:`~custom.networks.checkpoint.open_checkpoint` accepts.
         start: also accept what the network is built from (see the module docstring).
         strict: for trained weights, fail unless every key is in the file with the same shape and nothing is left
-            over; without it, the entries that fit are loaded and the rest reported.
+            over; without it, the entries that fit are loaded and the rest reported. The automatic segmentation
+            network's trained weights always load strictly (a partial head would predict other classes).
         allow_pickle: read with ``weights_only=False`` (older upstream files; trusted sources only).
 
     Returns:
