@@ -36,7 +36,7 @@ from .networks.checkpoint import checkpoint_payload, save_atomic
 from .networks.common import as_flag
 from .networks.sam_med3d import mask_prompt_logits, upsample_logits
 from .precision import autocast, check_autocast_dtype
-from .prompts import check_click_memory, mask_box, simulated_click, uniform_error_click
+from .prompts import check_click_memory, mask_box, simulated_click
 from .seeding import seeded_generator
 
 logger = logging.getLogger(__name__)
@@ -245,13 +245,10 @@ def _negative_clicks_in(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A negative click uniform in each item's ``(B, D, H, W)`` bool ``region``; items with an empty region keep
     their ``coords`` ``(B, 1, 3)`` / ``labels`` ``(B, 1)``."""
-    coords, labels = coords.clone(), labels.clone()
-    for b in range(region.shape[0]):
-        # a prediction of the region against an empty truth: the protocol's false positives are the region
-        click = uniform_error_click(region[b], torch.zeros_like(region[b]), generator)
-        if click is not None:
-            coords[b, 0], labels[b, 0] = click[0].to(coords.device), click[1]
-    return coords, labels
+    # the region as a prediction against an empty truth: the uniform protocol's false positives are the region
+    forced, forced_labels = simulate_clicks(region, torch.zeros_like(region), generator)
+    kept = (forced_labels < 0)[..., None]  # padding: an empty region
+    return torch.where(kept, coords, forced), torch.where(kept[..., 0], labels, forced_labels)
 
 
 def wrong_earlier_mask(target: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from custom.networks import build_sam_med3d
-from custom.networks.click_maps import render_click_maps
+from custom.networks.click_maps import clear_negative_cells, render_click_maps
 from custom.networks.sam_med3d_fullres import ImageFeatures
 from custom.predictor import VolumetricPredictor
 
@@ -38,6 +38,45 @@ def test_overlapping_clicks_take_the_maximum_and_many_clicks_fit():
     coords = torch.tensor([[[4.0, 4.0, 4.0]] * 40])
     maps = render_click_maps(coords, torch.ones(1, 40, dtype=torch.long), (8, 8, 8))
     assert maps.max().item() == pytest.approx(1.0)
+
+
+def test_negative_clicks_turn_their_cells_of_the_previous_logits_to_no():
+    torch.manual_seed(0)
+    previous = torch.randn(2, 1, 7, 6, 5) * 3
+    coords = torch.tensor([[[1.0, 1, 1], [5, 4, 3], [6, 5, 4]], [[2, 2, 2], [0, 0, 0], [3, 3, 3]]])
+    labels = torch.tensor([[1, 0, -1], [1, -1, 1]])  # item 1: no negative click (padding takes no cell)
+    cleared = clear_negative_cells(previous, coords, labels)
+    # independent: each voxel's nearest real click, voxel by voxel
+    for b in range(2):
+        for voxel in torch.cartesian_prod(*(torch.arange(s) for s in previous.shape[2:])).tolist():
+            distances = [
+                sum((v - c) ** 2 for v, c in zip(voxel, coords[b, n].tolist())) if labels[b, n] in (0, 1) else 1e9
+                for n in range(3)
+            ]
+            nearest = min(range(3), key=distances.__getitem__)
+            value = previous[(b, 0, *voxel)].item()
+            expected = -abs(value) if labels[b, nearest] == 0 else value
+            assert cleared[(b, 0, *voxel)].item() == pytest.approx(expected)
+    assert (cleared[0] < previous[0]).any() and torch.equal(cleared[1], previous[1])
+    assert clear_negative_cells(previous, None, None) is previous
+
+
+def test_a_network_that_clears_negative_cells_answers_a_negative_click_on_its_previous_mask():
+    """With the rule on, decode sees the previous mask without the negative click's cell: the same as giving the
+    cleared logits to a network without the rule."""
+    torch.manual_seed(0)
+    plain = build_sam_med3d("sam_med3d_lite_fullres_clickmaps", **SMALL).eval()
+    clearing = build_sam_med3d("sam_med3d_lite_fullres_clickmaps", negative_clicks_clear=True, **SMALL).eval()
+    clearing.load_state_dict(plain.state_dict())
+    coords, labels = torch.tensor([[[20.0, 20, 20], [44, 44, 44]]]), torch.tensor([[1, 0]])
+    previous = torch.full((1, 1, 64, 64, 64), 5.0)
+    with torch.no_grad():
+        features = plain.encode(torch.randn(1, 1, 64, 64, 64))
+        got, _ = clearing.decode(features, coords, labels, previous)
+        same, _ = plain.decode(features, coords, labels, clear_negative_cells(previous, coords, labels))
+        unchanged, _ = plain.decode(features, coords, labels, previous)
+    assert torch.allclose(got, same)
+    assert not torch.allclose(got, unchanged)
 
 
 @pytest.mark.parametrize("name", ["sam_med3d_lite_fullres", "sam_med3d_lite_fullres_clickmaps"])

@@ -1,4 +1,5 @@
-"""Clicks as dense maps: a Gaussian blob per click on the crop's voxel grid, positive and negative apart.
+"""Clicks as dense prompts: a Gaussian blob per click on the crop's voxel grid, positive and negative apart, and
+(optionally) the cells of negative clicks cleared from the previous logits.
 
 The sparse tokens tell the decoder's transformer where the clicks are; the maps put them where convolutions see
 them, beside the previous mask, at the window's full resolution (as DeepEdit and nnInteractive give clicks).
@@ -57,3 +58,40 @@ def render_click_maps(
             blobs = torch.einsum("bn,bnd,bnh,bnw->bndhw", chosen[:, part], *(x[:, part] for x in axes))
             maps[:, channel] = torch.maximum(maps[:, channel], blobs.amax(dim=1))
     return maps
+
+
+def clear_negative_cells(
+    mask_input: torch.Tensor, coords: torch.Tensor | None, labels: torch.Tensor | None
+) -> torch.Tensor:
+    """The previous logits with the part a negative click marks turned to "no".
+
+    A voxel belongs to a click's cell when that click is the nearest of the step's clicks (positive or negative);
+    in the cells of negative clicks the previous logits ``x`` become ``-|x|``, so the earlier mask says "no" there as
+    firmly as it said "yes". Why by hand: a trained decoder follows the mask prompt over one sparse negative click
+    (issue 26's measurements), so the click must edit the prompt it would otherwise be outvoted by.
+
+    Args:
+        mask_input: ``(B, 1, D, H, W)`` previous logits on the crop's voxel grid.
+        coords: ``(B, N, 3)`` float voxel indices of the crop (array order), or None.
+        labels: ``(B, N)``: 1 positive, 0 negative; anything else (padding, box corners) takes no cell.
+
+    Returns:
+        ``(B, 1, D, H, W)``: ``mask_input`` where no negative click is nearest, ``-|mask_input|`` where one is.
+    """
+    if coords is None or labels is None or coords.shape[1] == 0:
+        return mask_input
+    clicks = (labels == POSITIVE) | (labels == NEGATIVE)  # (B, N)
+    if not torch.compiler.is_compiling() and not bool((labels == NEGATIVE).any()):
+        return mask_input
+    size = mask_input.shape[2:]
+    device = mask_input.device
+    # squared distance to each click, as a sum of three 1D terms: (B, N, D, H, W) from (B, N, s) per axis
+    axes = [
+        (torch.arange(s, device=device, dtype=torch.float32) - coords[..., a, None].float()) ** 2
+        for a, s in enumerate(size)
+    ]
+    distance = axes[0][..., :, None, None] + axes[1][..., None, :, None] + axes[2][..., None, None, :]
+    distance = distance.masked_fill(~clicks[..., None, None, None], float("inf"))
+    nearest = distance.argmin(dim=1)  # (B, D, H, W)
+    negative_cell = torch.gather((labels == NEGATIVE) & clicks, 1, nearest.flatten(1)).view_as(nearest)
+    return torch.where(negative_cell[:, None], -mask_input.abs(), mask_input)

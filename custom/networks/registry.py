@@ -154,12 +154,12 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType(
         "sam_med3d_lite_fullres": _sam_variant(
             "lite encoder, convolutional stem, full-resolution decoder; clicks as tokens",
             build_sam_fullres,
-            **dict(_LITE, dense_pe_axis_swap=False, click_maps=False),
+            **dict(_LITE, dense_pe_axis_swap=False, click_maps=False, negative_clicks_clear=False),
         ),
         "sam_med3d_lite_fullres_clickmaps": _sam_variant(
             "lite encoder, convolutional stem, full-resolution decoder; clicks as tokens and as dense maps",
             build_sam_fullres,
-            **dict(_LITE, dense_pe_axis_swap=False, click_maps=True),
+            **dict(_LITE, dense_pe_axis_swap=False, click_maps=True, negative_clicks_clear=False),
         ),
         "sam_med3d_tiny": _sam_variant(
             "tests and quick experiments",
@@ -205,7 +205,14 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType(
 
 #: the yes/no settings of the builders: a command line's "false" becomes False, not a truthy string
 FLAG_SETTINGS = frozenset(
-    {"box_prompts", "fast_window_attention", "freeze_backbone", "dense_pe_axis_swap", "click_maps"}
+    {
+        "box_prompts",
+        "fast_window_attention",
+        "freeze_backbone",
+        "dense_pe_axis_swap",
+        "click_maps",
+        "negative_clicks_clear",
+    }
 )
 
 #: name -> settings (read-only), for code that only needs the numbers.
@@ -233,7 +240,7 @@ def build_sam_med3d(name: str = "sam_med3d", **overrides: Any) -> nn.Module:
             ``encoder_depth``, ``encoder_num_heads``, ``encoder_global_attn_indexes``, ``window_size``,
             ``prompt_embed_dim``, ``decoder_heads``, ``decoder_mlp_dim``, ``mask_in_chans``, ``rel_pos_bias``,
             ``box_prompts``, ``dense_pe_axis_swap``; the full-resolution variants also ``decoder_chans``,
-            ``click_maps``, ``click_map_sigma``)
+            ``click_maps``, ``click_map_sigma``, ``negative_clicks_clear``)
             and ``fast_window_attention`` (default True; False selects the padded reference computation).
             ``"medsam3d_adapter"`` takes the settings of :func:`custom.networks.medsam3d.build_medsam3d`.
     """

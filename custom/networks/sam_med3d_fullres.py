@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .click_maps import render_click_maps
+from .click_maps import clear_negative_cells, render_click_maps
 from .conv_stem import ConvStem3D
 from .fullres_decoder import FullResMaskDecoder3D
 from .image_encoder import ImageEncoderViT3D
@@ -48,6 +48,9 @@ class SamMed3DFullRes(SamMed3D):
         stem: the convolutional stem (one level per decoder stage, finest first, each as wide as its stage).
         click_maps: give clicks also as dense maps (positive, negative) beside the previous logits.
         click_map_sigma: the maps' Gaussian standard deviation in voxels.
+        negative_clicks_clear: in the previous logits, the cells of negative clicks (voxels nearer to a negative
+            click than to any other click) become "no" before the dense prompt sees them
+            (:func:`~custom.networks.click_maps.clear_negative_cells`).
     """
 
     def __init__(
@@ -58,8 +61,10 @@ class SamMed3DFullRes(SamMed3D):
         stem: ConvStem3D,
         click_maps: bool = True,
         click_map_sigma: float = 2.0,
+        negative_clicks_clear: bool = False,
     ) -> None:
         super().__init__(image_encoder, prompt_encoder, mask_decoder)
+        self.negative_clicks_clear = bool(negative_clicks_clear)
         self.stem = stem
         self.click_maps = bool(click_maps)
         self.click_map_sigma = float(click_map_sigma)
@@ -80,6 +85,8 @@ class SamMed3DFullRes(SamMed3D):
     ) -> torch.Tensor:
         """The dense prompt's channels: the previous logits ``(B, 1, D, H, W)``, then (with ``click_maps``) the
         positive and negative click maps."""
+        if self.negative_clicks_clear:
+            mask_input = clear_negative_cells(mask_input, point_coords, point_labels)
         if not self.click_maps:
             return mask_input
         if point_coords is None:
@@ -138,6 +145,7 @@ def build_sam_fullres(
     decoder_chans: tuple[int, ...] = (96, 48, 16),
     click_maps: bool = True,
     click_map_sigma: float = 2.0,
+    negative_clicks_clear: bool = False,
     box_prompts: bool = False,
     fast_window_attention: bool = True,
 ) -> nn.Module:
@@ -178,5 +186,11 @@ def build_sam_fullres(
         map_chans=dense_chans if click_maps else 0,
     )
     return SamMed3DFullRes(
-        encoder, prompt_encoder, decoder, ConvStem3D(tuple(reversed(decoder_chans))), click_maps, click_map_sigma
+        encoder,
+        prompt_encoder,
+        decoder,
+        ConvStem3D(tuple(reversed(decoder_chans))),
+        click_maps,
+        click_map_sigma,
+        negative_clicks_clear,
     )
