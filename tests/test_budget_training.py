@@ -109,3 +109,27 @@ def test_a_time_boxed_run_fits_its_schedule_to_the_budget_and_keeps_the_best(tmp
         payload = torch.load(out / name, weights_only=True)
         assert payload["rel_pos_bias"] == "decomposed" and len(payload["model"]) > 200
     assert not (out / "training_state.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_fixed_iteration_count_keeps_an_earlier_runs_schedule(tmp_path):
+    """``iterations`` repeats a schedule instead of fitting it to the time: stopped by the same budget long before
+    its end, the learning rate is still near its peak (fitted, it would have decayed to under a fifth)."""
+    sys.path.insert(0, str(BUNDLE / "scripts"))
+    from train_for import train_for
+
+    history = train_for(
+        seconds=10,
+        output_dir=str(tmp_path / "run"),
+        calibration_iterations=2,
+        validate_every_s=100,
+        iterations=1000,
+        clock=_StepClock(1.0),
+        datalist=str(SAMPLE / "dataset.json"),
+        val_max_targets=1,
+        num_workers=0,
+        progress_bar=False,
+    )
+    assert history[-1]["iteration"] < 20 and history[-1]["lr"] > 0.9 * 8e-4
+    with pytest.raises(ValueError, match="iterations"):
+        train_for(seconds=10, output_dir=str(tmp_path / "bad"), iterations=0)

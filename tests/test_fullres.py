@@ -40,7 +40,7 @@ def test_overlapping_clicks_take_the_maximum_and_many_clicks_fit():
     assert maps.max().item() == pytest.approx(1.0)
 
 
-def test_negative_clicks_turn_their_cells_of_the_previous_logits_to_no():
+def test_negative_clicks_clear_the_yes_of_the_previous_logits_in_their_cells():
     torch.manual_seed(0)
     previous = torch.randn(2, 1, 7, 6, 5) * 3
     coords = torch.tensor([[[1.0, 1, 1], [5, 4, 3], [6, 5, 4]], [[2, 2, 2], [0, 0, 0], [3, 3, 3]]])
@@ -49,13 +49,13 @@ def test_negative_clicks_turn_their_cells_of_the_previous_logits_to_no():
     # independent: each voxel's nearest real click, voxel by voxel
     for b in range(2):
         for voxel in torch.cartesian_prod(*(torch.arange(s) for s in previous.shape[2:])).tolist():
-            distances = [
-                sum((v - c) ** 2 for v, c in zip(voxel, coords[b, n].tolist())) if labels[b, n] in (0, 1) else 1e9
-                for n in range(3)
-            ]
-            nearest = min(range(3), key=distances.__getitem__)
+            distances = [sum((v - c) ** 2 for v, c in zip(voxel, coords[b, n].tolist())) for n in range(3)]
+            to_label = {
+                lab: min([d for d, x in zip(distances, labels[b].tolist()) if x == lab], default=1e9) for lab in (0, 1)
+            }
+            in_negative_cell = to_label[0] < to_label[1]  # strictly nearer to a negative click
             value = previous[(b, 0, *voxel)].item()
-            expected = -abs(value) if labels[b, nearest] == 0 else value
+            expected = min(value, 0.0) if in_negative_cell else value
             assert cleared[(b, 0, *voxel)].item() == pytest.approx(expected)
     assert (cleared[0] < previous[0]).any() and torch.equal(cleared[1], previous[1])
     assert clear_negative_cells(previous, None, None) is previous
@@ -65,8 +65,8 @@ def test_a_network_that_clears_negative_cells_answers_a_negative_click_on_its_pr
     """With the rule on, decode sees the previous mask without the negative click's cell: the same as giving the
     cleared logits to a network without the rule."""
     torch.manual_seed(0)
-    plain = build_sam_med3d("sam_med3d_lite_fullres_clickmaps", **SMALL).eval()
-    clearing = build_sam_med3d("sam_med3d_lite_fullres_clickmaps", negative_clicks_clear=True, **SMALL).eval()
+    plain = build_sam_med3d("sam_med3d_lite_fullres_clickmaps", negative_clicks_clear=False, **SMALL).eval()
+    clearing = build_sam_med3d("sam_med3d_lite_fullres_clickmaps", **SMALL).eval()  # the variant clears
     clearing.load_state_dict(plain.state_dict())
     coords, labels = torch.tensor([[[20.0, 20, 20], [44, 44, 44]]]), torch.tensor([[1, 0]])
     previous = torch.full((1, 1, 64, 64, 64), 5.0)
@@ -77,6 +77,7 @@ def test_a_network_that_clears_negative_cells_answers_a_negative_click_on_its_pr
         unchanged, _ = plain.decode(features, coords, labels, previous)
     assert torch.allclose(got, same)
     assert not torch.allclose(got, unchanged)
+    assert clearing.negative_clicks_clear and not build_sam_med3d("sam_med3d_lite_fullres").negative_clicks_clear
 
 
 @pytest.mark.parametrize("name", ["sam_med3d_lite_fullres", "sam_med3d_lite_fullres_clickmaps"])

@@ -71,7 +71,7 @@ def test_a_click_on_the_other_part_segments_the_other_part(predictor, case):
     assert _dice(mask_p, posterior) > _dice(mask_p, anterior)
 
 
-@pytest.mark.parametrize("case", _cases("hippocampus_322", "hippocampus_325"))
+@pytest.mark.parametrize("case", _cases())
 def test_a_negative_click_removes_a_wrongly_included_part(predictor, case):
     label = _case(predictor, case)
     anterior, posterior = label == ANTERIOR, label == POSTERIOR

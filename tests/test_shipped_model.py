@@ -30,6 +30,7 @@ def test_shipped_model_loads_strictly_into_the_named_variant():
     declared = variant(metadata["network_name"])
     assert metadata["rel_pos_bias"] == declared.rel_pos_bias
     assert metadata["dense_pe_axis_swap"] == declared.settings.get("dense_pe_axis_swap", True)
+    assert metadata["negative_clicks_clear"] == declared.settings.get("negative_clicks_clear", False)
     assert load_weights(network, path).ok
     for config in ("inference.json", "evaluate.json", "train.json"):
         settings = json.loads((BUNDLE / "configs" / config).read_text())
@@ -44,7 +45,8 @@ def test_shipped_model_outputs_are_unchanged():
     # sample CT (the image features, the first click's logits, and a second step with a negative click).
     expected = torch.load(REPO_ROOT / "tests/data/shipped_model_outputs.pt", weights_only=True)
     metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
-    network = build_sam_med3d(metadata["network_name"]).eval()
+    # the weights' own answer: the pinned step predates the variant's negative_clicks_clear (tested in test_fullres)
+    network = build_sam_med3d(metadata["network_name"], negative_clicks_clear=False).eval()
     load_weights(network, BUNDLE / "models" / "model.pt")
     ct = np.asarray(nib.load(BUNDLE / "sample/images/openkbp_pt_243.nii.gz").dataobj, dtype=np.float32)
     d, h, w = expected["crop_start"]

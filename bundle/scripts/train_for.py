@@ -39,11 +39,13 @@ def train_for(
     calibration_iterations: int = 30,
     validate_every_s: float = 75.0,
     validation_share: float = 0.18,
+    iterations: int | None = None,
     clock: Callable[[], float] = time.monotonic,
     **overrides,
 ) -> list[dict]:
     """Train for ``seconds`` of ``clock`` (setup included; the final validation comes after) and return the
-    validation history."""
+    validation history. ``iterations`` fixes the schedule's length instead of fitting it to the time (to repeat an
+    earlier run's schedule, as its log's "N iterations" line gives it, at an equal budget on a busier machine)."""
     from ignite.engine import Events
     from monai.bundle import ConfigParser
 
@@ -51,10 +53,15 @@ def train_for(
     from custom.networks.checkpoint import checkpoint_payload, save_atomic
 
     start = clock()
-    if seconds <= 0 or calibration_iterations < 1 or not 0 <= validation_share < 1:
+    if (
+        seconds <= 0
+        or calibration_iterations < 1
+        or not 0 <= validation_share < 1
+        or (iterations is not None and iterations < 1)
+    ):
         raise ValueError(
-            f"need seconds > 0, calibration_iterations >= 1 and 0 <= validation_share < 1; got {seconds}, "
-            f"{calibration_iterations}, {validation_share}"
+            "need seconds > 0, calibration_iterations >= 1, 0 <= validation_share < 1 and iterations >= 1 (or None); "
+            f"got {seconds}, {calibration_iterations}, {validation_share}, {iterations}"
         )
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
@@ -109,7 +116,7 @@ def train_for(
         if iteration == 2 + calibration_iterations:
             per_iteration = (clock() - progress["timed_from"]) / calibration_iterations
             left = seconds - (clock() - start)
-            total = iteration + max(1, int(left / per_iteration * (1 - validation_share)))
+            total = iterations or iteration + max(1, int(left / per_iteration * (1 - validation_share)))
             scheduler.t_total = total
             engine.state.max_epochs = max(engine.state.epoch, math.ceil(total / engine.state.epoch_length))
             logger.info(f"{per_iteration:.3f} s per iteration: {total} iterations, {engine.state.max_epochs} epochs")

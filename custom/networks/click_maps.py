@@ -65,10 +65,12 @@ def clear_negative_cells(
 ) -> torch.Tensor:
     """The previous logits with the part a negative click marks turned to "no".
 
-    A voxel belongs to a click's cell when that click is the nearest of the step's clicks (positive or negative);
-    in the cells of negative clicks the previous logits ``x`` become ``-|x|``, so the earlier mask says "no" there as
-    firmly as it said "yes". Why by hand: a trained decoder follows the mask prompt over one sparse negative click
-    (issue 26's measurements), so the click must edit the prompt it would otherwise be outvoted by.
+    A voxel lies in a negative click's cell when it is nearer to a negative click than to every positive one;
+    in the cells of negative clicks the previous logits ``x`` become ``min(x, 0)``: the earlier mask no longer says
+    "yes" there, and the image and the clicks decide (on the hippocampus validation split a firm "no", ``-|x|``,
+    also erased true voxels near negative clicks on the boundary: Dice@5 -0.023). Why by hand: a trained decoder
+    follows the mask prompt over one sparse negative click (issue 26's measurements), so the click must edit the
+    prompt it would otherwise be outvoted by.
 
     Args:
         mask_input: ``(B, 1, D, H, W)`` previous logits on the crop's voxel grid.
@@ -76,22 +78,37 @@ def clear_negative_cells(
         labels: ``(B, N)``: 1 positive, 0 negative; anything else (padding, box corners) takes no cell.
 
     Returns:
-        ``(B, 1, D, H, W)``: ``mask_input`` where no negative click is nearest, ``-|mask_input|`` where one is.
+        ``(B, 1, D, H, W)``: ``min(mask_input, 0)`` in the cells of negative clicks, ``mask_input`` elsewhere.
     """
     if coords is None or labels is None or coords.shape[1] == 0:
         return mask_input
-    clicks = (labels == POSITIVE) | (labels == NEGATIVE)  # (B, N)
     if not torch.compiler.is_compiling() and not bool((labels == NEGATIVE).any()):
         return mask_input
     size = mask_input.shape[2:]
     device = mask_input.device
-    # squared distance to each click, as a sum of three 1D terms: (B, N, D, H, W) from (B, N, s) per axis
+    # squared distances as sums of three 1D terms, (B, N, s) per axis; each label's nearest click by a running
+    # minimum (a few ms for 10 clicks on 64^3, a twentieth of materialising (B, N, D, H, W)); an exported graph
+    # (dynamic click count) takes the clicks at once
     axes = [
         (torch.arange(s, device=device, dtype=torch.float32) - coords[..., a, None].float()) ** 2
         for a, s in enumerate(size)
     ]
-    distance = axes[0][..., :, None, None] + axes[1][..., None, :, None] + axes[2][..., None, None, :]
-    distance = distance.masked_fill(~clicks[..., None, None, None], float("inf"))
-    nearest = distance.argmin(dim=1)  # (B, D, H, W)
-    negative_cell = torch.gather((labels == NEGATIVE) & clicks, 1, nearest.flatten(1)).view_as(nearest)
-    return torch.where(negative_cell[:, None], -mask_input.abs(), mask_input)
+    nearest = []
+    for label in (NEGATIVE, POSITIVE):
+        away = torch.where(labels == label, 0.0, float("inf")).to(device)  # (B, N): other labels never nearest
+        if torch.compiler.is_compiling():
+            clicks = [slice(None)]
+        else:
+            clicks = [slice(n, n + 1) for n in range(coords.shape[1])]
+        best = None
+        for n in clicks:
+            distance = (
+                axes[0][:, n, :, None, None]
+                + away[:, n, None, None, None]
+                + axes[1][:, n, None, :, None]
+                + axes[2][:, n, None, None, :]
+            ).amin(dim=1)
+            best = distance if best is None else torch.minimum(best, distance)
+        nearest.append(best)
+    negative_cell = nearest[0] < nearest[1]  # (B, D, H, W); a tie stays with the positive click
+    return torch.where(negative_cell[:, None], mask_input.clamp(max=0), mask_input)

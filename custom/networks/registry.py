@@ -157,9 +157,10 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType(
             **dict(_LITE, dense_pe_axis_swap=False, click_maps=False, negative_clicks_clear=False),
         ),
         "sam_med3d_lite_fullres_clickmaps": _sam_variant(
-            "lite encoder, convolutional stem, full-resolution decoder; clicks as tokens and as dense maps",
+            "lite encoder, convolutional stem, full-resolution decoder; clicks as tokens and as dense maps; a negative "
+            "click clears its cell of the earlier mask",
             build_sam_fullres,
-            **dict(_LITE, dense_pe_axis_swap=False, click_maps=True, negative_clicks_clear=False),
+            **dict(_LITE, dense_pe_axis_swap=False, click_maps=True, negative_clicks_clear=True),
         ),
         "sam_med3d_tiny": _sam_variant(
             "tests and quick experiments",
