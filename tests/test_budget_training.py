@@ -81,23 +81,27 @@ class _StepClock:
         return self.now
 
 
-@pytest.mark.slow
-def test_a_time_boxed_run_fits_its_schedule_to_the_budget_and_keeps_the_best(tmp_path):
+def _train_for_10_steps(out, **settings) -> list[dict]:
+    """``train_for`` on the shipped sample for 10 readings of a step clock (2 calibration iterations)."""
     sys.path.insert(0, str(BUNDLE / "scripts"))
     from train_for import train_for
 
-    out = tmp_path / "run"
-    history = train_for(
+    return train_for(
         seconds=10,
         output_dir=str(out),
         calibration_iterations=2,
-        validate_every_s=3,
         clock=_StepClock(1.0),
         datalist=str(SAMPLE / "dataset.json"),
-        val_max_targets=2,
         num_workers=0,
         progress_bar=False,
+        **settings,
     )
+
+
+@pytest.mark.slow
+def test_a_time_boxed_run_fits_its_schedule_to_the_budget_and_keeps_the_best(tmp_path):
+    out = tmp_path / "run"
+    history = _train_for_10_steps(out, validate_every_s=3, val_max_targets=2)
     assert json.loads((out / "history.json").read_text()) == history
     assert len(history) >= 2, history  # at least one timed validation and the final one
     assert all("val_dice_1click" in row and "val_dice_5clicks" in row for row in history)
@@ -118,18 +122,7 @@ def test_a_fixed_iteration_count_keeps_an_earlier_runs_schedule(tmp_path):
     sys.path.insert(0, str(BUNDLE / "scripts"))
     from train_for import train_for
 
-    history = train_for(
-        seconds=10,
-        output_dir=str(tmp_path / "run"),
-        calibration_iterations=2,
-        validate_every_s=100,
-        iterations=1000,
-        clock=_StepClock(1.0),
-        datalist=str(SAMPLE / "dataset.json"),
-        val_max_targets=1,
-        num_workers=0,
-        progress_bar=False,
-    )
+    history = _train_for_10_steps(tmp_path / "run", validate_every_s=100, val_max_targets=1, iterations=1000)
     assert history[-1]["iteration"] < 20 and history[-1]["lr"] > 0.9 * 8e-4
     with pytest.raises(ValueError, match="iterations"):
         train_for(seconds=10, output_dir=str(tmp_path / "bad"), iterations=0)

@@ -86,29 +86,20 @@ def clear_negative_cells(
         return mask_input
     size = mask_input.shape[2:]
     device = mask_input.device
-    # squared distances as sums of three 1D terms, (B, N, s) per axis; each label's nearest click by a running
-    # minimum (a few ms for 10 clicks on 64^3, a twentieth of materialising (B, N, D, H, W)); an exported graph
-    # (dynamic click count) takes the clicks at once
+    # squared distances as sums of three 1D terms, (B, N, s) per axis; each click's distance computed once and kept
+    # as a running minimum per label (7-9 ms for 10 clicks on 64^3, a third of materialising (B, N, D, H, W)); an
+    # exported graph (dynamic click count) takes the clicks at once
     axes = [
         (torch.arange(s, device=device, dtype=torch.float32) - coords[..., a, None].float()) ** 2
         for a, s in enumerate(size)
     ]
-    nearest = []
-    for label in (NEGATIVE, POSITIVE):
-        away = torch.where(labels == label, 0.0, float("inf")).to(device)  # (B, N): other labels never nearest
-        if torch.compiler.is_compiling():
-            clicks = [slice(None)]
-        else:
-            clicks = [slice(n, n + 1) for n in range(coords.shape[1])]
-        best = None
-        for n in clicks:
-            distance = (
-                axes[0][:, n, :, None, None]
-                + away[:, n, None, None, None]
-                + axes[1][:, n, None, :, None]
-                + axes[2][:, n, None, None, :]
-            ).amin(dim=1)
-            best = distance if best is None else torch.minimum(best, distance)
-        nearest.append(best)
+    away = [torch.where(labels == label, 0.0, float("inf")).to(device) for label in (NEGATIVE, POSITIVE)]  # (B, N)
+    clicks = [slice(None)] if torch.compiler.is_compiling() else [slice(n, n + 1) for n in range(coords.shape[1])]
+    nearest: list[torch.Tensor | None] = [None, None]  # to a negative click, to a positive one
+    for n in clicks:
+        distance = axes[0][:, n, :, None, None] + axes[1][:, n, None, :, None] + axes[2][:, n, None, None, :]
+        for i, other_labels_away in enumerate(away):
+            d = (distance + other_labels_away[:, n, None, None, None]).amin(dim=1)
+            nearest[i] = d if nearest[i] is None else torch.minimum(nearest[i], d)
     negative_cell = nearest[0] < nearest[1]  # (B, D, H, W); a tie stays with the positive click
     return torch.where(negative_cell[:, None], mask_input.clamp(max=0), mask_input)

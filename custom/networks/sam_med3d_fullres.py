@@ -49,7 +49,7 @@ class SamMed3DFullRes(SamMed3D):
         click_maps: give clicks also as dense maps (positive, negative) beside the previous logits.
         click_map_sigma: the maps' Gaussian standard deviation in voxels.
         negative_clicks_clear: in the previous logits, the cells of negative clicks (voxels nearer to a negative
-            click than to any other click) lose their "yes" (``min(x, 0)``) before the dense prompt sees them
+            click than to every positive click) lose their "yes" (``min(x, 0)``) before the dense prompt sees them
             (:func:`~custom.networks.click_maps.clear_negative_cells`).
     """
 
