@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader, IterableDataset
+from monai.data import DataLoader, IterableDataset, MetaTensor, list_data_collate
 from monai.transforms import apply_transform
 from torch.utils.data import Dataset, Sampler
 
 from .cases import CaseError, case_name, missing_prompt_error, safe_name, unique_case_names
 from .io import as_label_map, load_volume, read_npz_case
+from .object_prompts import PROMPTS_META, CasePrompts
 from .seeding import seed_value, seeded_generator
 
 logger = logging.getLogger(__name__)
@@ -374,6 +375,26 @@ class FaultTolerantDataset(IterableDataset):
                 yield {FAILURE_KEY: f"case {item['case']!r}: {type(cause).__name__}: {cause}", "case": item["case"]}
 
 
+def collate_cases(items: Sequence[Mapping[str, Any]]) -> Any:
+    """MONAI's ``list_data_collate``, with each case's prompts (``objects``, a
+    :class:`~custom.object_prompts.CasePrompts`) kept whole: a list with one per item, which MONAI's de-collation
+    hands back item by item. The copy :class:`~custom.transforms.ClicksToVoxelsd` left in the image's metadata
+    (for inferers called without them) is dropped: the batch carries them."""
+    prompts, rest = [], []
+    for item in items:
+        item = dict(item)
+        found = item.pop("objects") if isinstance(item.get("objects"), CasePrompts) else None
+        for value in item.values():
+            if isinstance(value, MetaTensor):
+                value.meta.pop(PROMPTS_META, None)
+        prompts.append(found)
+        rest.append(item)
+    batch = list_data_collate(rest)
+    if any(p is not None for p in prompts):
+        batch["objects"] = prompts
+    return batch
+
+
 class CaseLoader(DataLoader):
     """A MONAI ``DataLoader`` of one case per batch over a :class:`FaultTolerantDataset`: the failure items (made
     in the worker processes too) are reported to the dataset's case list, in this process, and left out.
@@ -385,6 +406,7 @@ class CaseLoader(DataLoader):
     """
 
     def __init__(self, dataset: FaultTolerantDataset, num_workers: int = 0, **kwargs: Any) -> None:
+        kwargs.setdefault("collate_fn", collate_cases)
         super().__init__(dataset, batch_size=1, num_workers=num_workers, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:

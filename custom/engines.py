@@ -16,7 +16,7 @@ import logging
 import os
 import pickle
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from .networks.checkpoint import checkpoint_payload, save_atomic
 from .networks.common import as_flag
 from .networks.sam_med3d import mask_prompt_logits, upsample_logits
 from .precision import autocast, check_autocast_dtype
+from .predictor import VolumetricPredictor
 from .prompts import check_click_memory, mask_box, simulated_click
 from .seeding import seeded_generator
 
@@ -361,7 +362,8 @@ class ClickValidationStep:
     ``report_clicks`` is kept as ``pred_<k>``.
 
     Args:
-        inferer: the predictor's settings (:class:`~custom.inferer.PromptedInferer`).
+        predictor: makes the predictor for a network, ``predictor(network)`` (its settings bound), as
+            :class:`~custom.inferer.PromptedInferer` takes it.
         report_clicks: click counts to report, e.g. ``(1, 5)``.
         protocol: a name of :data:`custom.prompts.CLICK_PROTOCOLS`.
         seed: with the item's case and class, seeds its clicks: every validation sees the same clicks, whatever
@@ -369,9 +371,13 @@ class ClickValidationStep:
     """
 
     def __init__(
-        self, inferer: Any, report_clicks: Sequence[int] = (1, 5), protocol: str = "uniform", seed: int = 0
+        self,
+        predictor: Callable[[nn.Module], VolumetricPredictor] = VolumetricPredictor,
+        report_clicks: Sequence[int] = (1, 5),
+        protocol: str = "uniform",
+        seed: int = 0,
     ) -> None:
-        self.inferer = inferer
+        self.predictor = predictor
         self.report_clicks = sorted(set(int(k) for k in report_clicks))
         self.protocol = protocol
         self.seed = seed
@@ -380,7 +386,7 @@ class ClickValidationStep:
         image, target = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
         network = engine.network.module if hasattr(engine.network, "module") else engine.network
         network = network.network if isinstance(network, InteractiveSegmentation) else network
-        predictor = self.inferer.predictor(network)
+        predictor = self.predictor(network)
         affines = image.affine if isinstance(image, MetaTensor) else None
         predictions: dict[int, list[torch.Tensor]] = {k: [] for k in self.report_clicks}
         with engine.mode(network):

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,12 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.metrics import compute_surface_dice
 from scipy import ndimage
+from torch import nn
 
 from .files import append_line_durably, write_atomic, write_text_atomic
-from .inferer import PromptedInferer
 from .interaction import simulate_interaction
 from .networks.common import as_flag
+from .predictor import VolumetricPredictor
 from .prompts import mask_box, simulated_click
 from .seeding import seeded_generator
 
@@ -91,7 +92,8 @@ class ClickEvaluationStep:
     through inference.
 
     Args:
-        inferer: the predictor's settings (window placement, growth, click memory, autocast).
+        predictor: makes the predictor for a network, ``predictor(network)`` (its settings bound: window placement,
+            growth, click memory, autocast), as :class:`~custom.inferer.PromptedInferer` takes it.
         num_clicks: clicks per target.
         protocol: a name of :data:`custom.prompts.CLICK_PROTOCOLS`.
         seed: with the case and class, seeds the clicks: a target gets the same clicks in every run.
@@ -106,7 +108,7 @@ class ClickEvaluationStep:
 
     def __init__(
         self,
-        inferer: PromptedInferer,
+        predictor: Callable[[nn.Module], VolumetricPredictor] = VolumetricPredictor,
         num_clicks: int = 10,
         protocol: str = "uniform",
         seed: int = 2023,
@@ -124,7 +126,7 @@ class ClickEvaluationStep:
                 f"protocol cvpr25 with num_clicks {num_clicks} and nsd_tolerance_mm {nsd_tolerance_mm}: the challenge "
                 "scores 5 clicks and NSD at 2 mm (configs/evaluate_cvpr25.json sets all three)"
             )
-        self.inferer = inferer
+        self.predictor = predictor
         self.num_clicks = num_clicks
         self.protocol = protocol
         self.seed = seed
@@ -156,7 +158,7 @@ class ClickEvaluationStep:
         if not pending:
             return []
         modality = batchdata.get("modality", [""])[0]
-        predictor = self.inferer.predictor(network)
+        predictor = self.predictor(network)
         network.eval()
         started = time.perf_counter()
         source = {"filename_or_obj": image.meta.get("filename_or_obj", case)}

@@ -9,7 +9,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +19,10 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import nn
 
+from .object_prompts import PROMPTS_META, CasePrompts, ObjectPrompts
 from .precision import autocast, check_autocast_dtype
 from .predictor import VolumetricPredictor
-from .prompts import check_click_memory
-from .transforms import PROMPT_FAILED, PROMPT_REPORT, PROMPTS_META
-from .window import normalize_crop
+from .transforms import PROMPT_FAILED, PROMPT_REPORT
 
 
 @dataclass
@@ -32,54 +31,52 @@ class _Kept:
 
     predictor: VolumetricPredictor
     network: nn.Module
-    # object label -> (earlier-mask signature, box signature, clicks applied as ((i, j, k), positive))
-    applied: dict[int, tuple[str | None, tuple | None, list[tuple[tuple[float, ...], bool]]]] = field(
+    # object label -> (earlier-mask signature, box, clicks applied as ((i, j, k), positive))
+    applied: dict[int, tuple[str | None, tuple | None, Sequence[tuple[tuple[float, ...], bool]]]] = field(
         default_factory=dict
     )
 
 
-@dataclass
-class _ObjectPrompts:
-    """What one object of one volume is given, taken once from the batch tensors for both ways of segmenting."""
-
-    label: int
-    earlier: torch.Tensor | None  # (D, H, W) bool, the object's region of an earlier label map
-    box: tuple[float, ...] | None  # min corner then max corner, stored-grid voxels
-    clicks: list[tuple[tuple[float, ...], bool]]  # (voxel, positive), in the order given
+def _earlier_mask(prev_mask: torch.Tensor | None, b: int, label: int) -> torch.Tensor | None:
+    """Volume ``b``'s region of ``label`` in an earlier ``(B, 1, D, H, W)`` label map (None: empty or none)."""
+    if prev_mask is None or prev_mask.numel() == 0:
+        return None
+    earlier = torch.as_tensor(prev_mask[b, 0]) == label
+    return earlier if earlier.any() else None
 
 
-def _volume_prompts(
-    b: int,
-    point_coords: torch.Tensor,
-    point_labels: torch.Tensor,
-    object_labels: torch.Tensor,
-    prev_mask: torch.Tensor | None,
-    boxes: torch.Tensor | None,
-) -> list[_ObjectPrompts]:
-    """Volume ``b``'s objects from the batch tensors of :meth:`PromptedInferer.__call__` (padding dropped)."""
-    objects = []
-    for index, label in enumerate(int(label) for label in object_labels[b].tolist()):
-        earlier = None
-        if prev_mask is not None and prev_mask.numel() > 0:
-            earlier = torch.as_tensor(prev_mask[b, 0]) == label
-            earlier = earlier if earlier.any() else None
-        box = None
-        if boxes is not None and boxes.numel() > 0 and not torch.isnan(boxes[b, index]).any():
-            box = tuple(boxes[b, index].flatten().tolist())
-        valid = point_labels[b, index] >= 0
-        points, marks = point_coords[b, index][valid].tolist(), point_labels[b, index][valid].tolist()
-        objects.append(_ObjectPrompts(label, earlier, box, [(tuple(p), bool(m)) for p, m in zip(points, marks)]))
-    return objects
-
-
-def _give(predictor: VolumetricPredictor, key: Any, prompts: _ObjectPrompts) -> None:
+def _give(
+    predictor: VolumetricPredictor,
+    key: Any,
+    clicks: Sequence[tuple[Sequence[float], bool]],
+    earlier: torch.Tensor | None = None,
+    box: tuple | None = None,
+) -> None:
     """Give an object its earlier mask, box and clicks, in that order."""
-    if prompts.earlier is not None:
-        predictor.set_mask(key, prompts.earlier)
-    if prompts.box is not None:
-        predictor.add_box(key, prompts.box[:3], prompts.box[3:])
-    for point, positive in prompts.clicks:
+    if earlier is not None:
+        predictor.set_mask(key, earlier)
+    if box is not None:
+        predictor.add_box(key, box[0], box[1])
+    for point, positive in clicks:
         predictor.add_click(key, point, positive)
+
+
+def _per_volume(objects: Any, batch: int) -> list[Sequence[ObjectPrompts]]:
+    """``objects`` (per volume a :class:`CasePrompts` or a sequence of :class:`ObjectPrompts`; one volume's alone
+    for a batch of one) as one sequence of :class:`ObjectPrompts` per volume."""
+    if isinstance(objects, CasePrompts) or (
+        isinstance(objects, Sequence) and objects and isinstance(objects[0], ObjectPrompts)
+    ):
+        objects = [objects]
+    objects = [case.objects if isinstance(case, CasePrompts) else case for case in objects or ()]
+    if len(objects) != batch or not all(
+        isinstance(case, Sequence) and all(isinstance(o, ObjectPrompts) for o in case) for case in objects
+    ):
+        raise ValueError(
+            f"objects must give each of the {batch} volume(s) a sequence of custom.object_prompts.ObjectPrompts, "
+            f"got {len(objects)} entries ({', '.join(sorted({type(o).__name__ for o in objects})) or 'none'})"
+        )
+    return objects
 
 
 class PredictorCache:
@@ -146,14 +143,13 @@ class PredictorCache:
 
 
 class PromptedInferer(Inferer):
-    """The settings of a :class:`~custom.predictor.VolumetricPredictor`, and an inferer that segments the
-    prompted objects of a batch of stored-grid volumes with it.
+    """An inferer that segments the prompted objects of a batch of stored-grid volumes with a
+    :class:`~custom.predictor.VolumetricPredictor`.
 
     Args:
-        spacing_mm: the network grid's voxel size.
-        roi_size, stride, max_windows, click_memory, reuse_margin, autocast_dtype, sigma_scale,
-        intensity_normalization, intensity_clamp_by_modality, prev_mask_logit, max_cached_embeddings,
-        max_grid_voxels: see :class:`~custom.predictor.VolumetricPredictor`.
+        predictor: makes a predictor for a network, ``predictor(network)``: the predictor class itself, or its
+            settings bound (``functools.partial``; a config's ``"_mode_": "callable"`` item, declared once and
+            shared with the click-simulating steps).
         failures: an object with ``report_failure(message)`` (the run's case list): a volume that fails is
             reported there, flagged in its prediction's metadata (``prompt_failed``, so that nothing is saved
             for it) and the others go on; None: the error propagates.
@@ -164,59 +160,26 @@ class PromptedInferer(Inferer):
 
     def __init__(
         self,
-        spacing_mm: Sequence[float] | float = 1.5,
-        roi_size: int | None = None,
-        stride: int | None = None,
-        max_windows: int = 8,
-        click_memory: str = "newest",
-        reuse_margin: int = 16,
-        autocast_dtype: str | None = None,
-        sigma_scale: float = 0.125,
-        intensity_normalization: Callable[[torch.Tensor], torch.Tensor] | None = normalize_crop,
-        intensity_clamp_by_modality: Mapping[str, Sequence[float]] | None = None,
-        prev_mask_logit: float = 4.0,
-        max_cached_embeddings: int = 32,
-        max_grid_voxels: int = 2**28,
+        predictor: Callable[[nn.Module], VolumetricPredictor] = VolumetricPredictor,
         failures: Any = None,
         predictor_cache: PredictorCache | None = None,
     ) -> None:
         super().__init__()
+        if not callable(predictor):
+            raise TypeError(f"predictor must make a VolumetricPredictor from a network, got {predictor!r}")
+        self.predictor = predictor
         self.failures = failures
         self.predictor_cache = predictor_cache
-        if max_windows < 1:
-            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
-        self.settings = dict(
-            spacing_mm=spacing_mm,
-            roi_size=roi_size,
-            stride=stride,
-            max_windows=max_windows,
-            click_memory=check_click_memory(click_memory),
-            reuse_margin=reuse_margin,
-            autocast_dtype=check_autocast_dtype(autocast_dtype),
-            sigma_scale=sigma_scale,
-            intensity_normalization=intensity_normalization,
-            intensity_clamp_by_modality=intensity_clamp_by_modality,
-            prev_mask_logit=prev_mask_logit,
-            max_cached_embeddings=max_cached_embeddings,
-            max_grid_voxels=max_grid_voxels,
-        )
-
-    def predictor(self, network: nn.Module) -> VolumetricPredictor:
-        """A predictor with these settings for ``network``."""
-        return VolumetricPredictor(network, **self.settings)
 
     def __call__(  # type: ignore[override]
         self,
         inputs: torch.Tensor,
         network: nn.Module,
-        point_coords: torch.Tensor | None = None,
-        point_labels: torch.Tensor | None = None,
+        objects: Sequence[Sequence[ObjectPrompts]] | None = None,
         *args: Any,
-        object_labels: torch.Tensor | None = None,
         prev_mask: torch.Tensor | None = None,
         modality: Sequence[str] | str | None = None,
         case: Sequence[str] | str | None = None,
-        boxes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Label maps on the stored grid for a batch of volumes.
@@ -224,17 +187,14 @@ class PromptedInferer(Inferer):
         Args:
             inputs: ``(B, 1, D, H, W)`` images as stored (MetaTensor: the affine defines the grid).
             network: the promptable network.
-            point_coords: ``(B, n_objects, n_max, 3)`` voxel indices of the stored grid, array order; None: the
-                prompts :class:`~custom.transforms.ClicksToVoxelsd` left in the image's metadata (an inferer
-                called as ``inferer(inputs, network)``, as MONAI Label does).
-            point_labels: ``(B, n_objects, n_max)``: 1 positive, 0 negative, -1 padding.
-            object_labels: ``(B, n_objects)`` label of each object (default 1, 2, ...).
+            objects: per volume, its :class:`~custom.object_prompts.ObjectPrompts` (clicks and box in voxel
+                indices of the stored grid, the label each gets), as
+                :class:`~custom.transforms.ClicksToVoxelsd` makes them; None: those it left in the image's
+                metadata (an inferer called as ``inferer(inputs, network)``, as MONAI Label does).
             prev_mask: ``(B, 1, D, H, W)`` an earlier label map to continue from (an empty tensor or None:
                 none): each object continues from its own label's region.
             modality: per volume (chooses the intensity clamping).
             case: per volume, the name failures are reported under.
-            boxes: ``(B, n_objects, 2, 3)`` each object's box (min and max corner, stored-grid voxels; NaN: none),
-                given before its clicks.
 
         Returns:
             ``(B, 1, D, H, W)`` int16 label maps (where objects overlap, the higher logit wins), a MetaTensor with the
@@ -244,10 +204,16 @@ class PromptedInferer(Inferer):
         if not isinstance(inputs, MetaTensor):
             raise TypeError("PromptedInferer needs the images as MetaTensors (their affines define the grids)")
         batch = inputs.shape[0]
-        if point_coords is None:
-            point_coords, point_labels, boxes, object_labels = self._prompts_from_metadata(inputs)
-        if object_labels is None:
-            object_labels = torch.arange(1, point_coords.shape[1] + 1).expand(batch, -1)
+        if objects is None:
+            objects = inputs.meta.get(PROMPTS_META)
+            if objects is None:
+                raise ValueError(
+                    "no prompts: pass objects (custom.object_prompts.ObjectPrompts per volume), or prepare the "
+                    "image with custom.transforms.ClicksToVoxelsd, which leaves them in its metadata"
+                )
+            if isinstance(objects, CasePrompts):  # one volume's, batched by MONAI Label without collation
+                objects = [objects] * batch
+        objects = _per_volume(objects, batch)
         per_volume = [
             [value] * batch if value is None or isinstance(value, str) else list(value) for value in (modality, case)
         ]
@@ -260,12 +226,12 @@ class PromptedInferer(Inferer):
             name = names[b] if isinstance(names, (list, tuple)) else names
             image = MetaTensor(inputs[b].as_tensor(), affine=affines[b], meta={"filename_or_obj": name or "<image>"})
             try:
-                objects = _volume_prompts(b, point_coords, point_labels, object_labels, prev_mask, boxes)
+                earlier = [_earlier_mask(prev_mask, b, obj.label) for obj in objects[b]]
                 modality_b = str(per_volume[0][b] or "")
                 if predictor is not None:
-                    label_map, report = self._segment(predictor, image, objects, modality_b)
+                    label_map, report = self._segment(predictor, image, objects[b], earlier, modality_b)
                 else:
-                    label_map, report = self._segment_kept(network, image, objects, modality_b)
+                    label_map, report = self._segment_kept(network, image, objects[b], earlier, modality_b)
             except Exception as err:  # one bad case must not stop the others
                 if self.failures is None:
                     raise
@@ -274,41 +240,19 @@ class PromptedInferer(Inferer):
             failed.append("failed" in report)
             outputs.append(label_map)
             reports.append(json.dumps(report))
-        result = MetaTensor(torch.stack(outputs), meta=dict(inputs.meta))
+        result = MetaTensor(torch.stack(outputs), meta={k: v for k, v in inputs.meta.items() if k != PROMPTS_META})
         result.is_batch = inputs.is_batch
         result.meta[PROMPT_REPORT] = reports
         result.meta[PROMPT_FAILED] = failed
         return result
 
-    @staticmethod
-    def _prompts_from_metadata(inputs: MetaTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        stored = inputs.meta.get(PROMPTS_META)
-        if stored is None:
-            raise ValueError(
-                "no prompts: pass point_coords and point_labels, or prepare the image with "
-                "custom.transforms.ClicksToVoxelsd, which leaves them in its metadata"
-            )
-        per_volume = [json.loads(s) for s in (stored if isinstance(stored, (list, tuple)) else [stored])]
-        if len(per_volume) != inputs.shape[0]:
-            per_volume = per_volume * inputs.shape[0]
-        n_objects = max(len(p["object_labels"]) for p in per_volume)
-        n_max = max(len(points) for p in per_volume for points in p["point_coords"])
-        coords = torch.zeros(len(per_volume), n_objects, n_max, 3)
-        labels = torch.full((len(per_volume), n_objects, n_max), -1, dtype=torch.long)
-        boxes = torch.full((len(per_volume), n_objects, 2, 3), float("nan"))
-        objects = torch.zeros(len(per_volume), n_objects, dtype=torch.long)
-        for b, prompts in enumerate(per_volume):
-            for i, (points, marks) in enumerate(zip(prompts["point_coords"], prompts["point_labels"])):
-                coords[b, i, : len(points)] = torch.tensor(points)
-                labels[b, i, : len(marks)] = torch.tensor(marks)
-            for i, box in enumerate(prompts.get("boxes", [])):
-                if box is not None:
-                    boxes[b, i] = torch.tensor(box)
-            objects[b, : len(prompts["object_labels"])] = torch.tensor(prompts["object_labels"])
-        return coords, labels, boxes, objects
-
     def _segment_kept(
-        self, network: nn.Module, image: MetaTensor, objects: list[_ObjectPrompts], modality: str
+        self,
+        network: nn.Module,
+        image: MetaTensor,
+        objects: Sequence[ObjectPrompts],
+        earlier: Sequence[torch.Tensor | None],
+        modality: str,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """:meth:`_segment` with the image's predictor from :attr:`predictor_cache`: an object whose clicks
         include all those it was given before (and the same earlier mask and box) gets only the new ones; any
@@ -316,9 +260,8 @@ class PromptedInferer(Inferer):
         labels = [obj.label for obj in objects]
         image_key = PredictorCache.image_key(image.meta.get("filename_or_obj"))
         if image_key is None or len(set(labels)) != len(labels):  # nothing to find it again by
-            return self._segment(self.predictor(network), image, objects, modality)
-        settings = tuple(sorted((k, repr(v)) for k, v in self.settings.items()))
-        key = (image_key, modality, id(network), settings)
+            return self._segment(self.predictor(network), image, objects, earlier, modality)
+        key = (image_key, modality, id(network), repr(self.predictor))  # a partial's repr lists its settings
         cache = self.predictor_cache
         with cache.lock:
             kept = cache.get(key, network)
@@ -332,18 +275,16 @@ class PromptedInferer(Inferer):
             predictor = kept.predictor
             computed_before = predictor.embeddings_computed
             try:
-                for obj in objects:
-                    mask_signature = None
-                    if obj.earlier is not None:
-                        mask_signature = hashlib.sha1(obj.earlier.numpy().tobytes()).hexdigest()
+                for obj, mask in zip(objects, earlier):
+                    mask_signature = None if mask is None else hashlib.sha1(mask.numpy().tobytes()).hexdigest()
                     before = kept.applied.get(obj.label)
                     new = _added(before[2], obj.clicks) if before and before[:2] == (mask_signature, obj.box) else None
                     if new is None:  # a first request, or clicks taken back: start the object again
                         predictor.reset(obj.label)
                         kept.applied.pop(obj.label, None)
-                        _give(predictor, obj.label, obj)
+                        _give(predictor, obj.label, obj.clicks, mask, obj.box)
                     else:
-                        _give(predictor, obj.label, _ObjectPrompts(obj.label, None, None, new))
+                        _give(predictor, obj.label, new)
                     kept.applied[obj.label] = (mask_signature, obj.box, obj.clicks)
                 report: dict[str, Any] = {"objects": [predictor.report(label) for label in labels]}
                 report["embeddings_computed"] = predictor.embeddings_computed - computed_before
@@ -357,12 +298,16 @@ class PromptedInferer(Inferer):
 
     @staticmethod
     def _segment(
-        predictor: VolumetricPredictor, image: MetaTensor, objects: list[_ObjectPrompts], modality: str
+        predictor: VolumetricPredictor,
+        image: MetaTensor,
+        objects: Sequence[ObjectPrompts],
+        earlier: Sequence[torch.Tensor | None],
+        modality: str,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """One volume's objects through the predictor: its ``(1, D, H, W)`` label map and report."""
         predictor.set_image(image, modality=modality)
-        for index, obj in enumerate(objects):
-            _give(predictor, index, obj)
+        for index, (obj, mask) in enumerate(zip(objects, earlier)):
+            _give(predictor, index, obj.clicks, mask, obj.box)
         report: dict[str, Any] = {"objects": [predictor.report(index) for index in range(len(objects))]}
         report["embeddings_computed"] = predictor.embeddings_computed
         return predictor.label_map([(index, obj.label) for index, obj in enumerate(objects)])[None], report

@@ -35,6 +35,7 @@ from monai.transforms import Orientation
 from .io import load_volume
 from .networks.prompt_encoder import BOX_MAX, BOX_MIN
 from .networks.sam_med3d import mask_prompt_logits, upsample_logits
+from .object_prompts import check_inside_image, world_to_voxel
 from .precision import autocast, check_autocast_dtype
 from .prompts import CLICK_MEMORIES, check_click_memory, deepest_point, mask_box, prompt_points
 from .spacing import AxisAlignedSpacingd, NetworkGrid
@@ -297,13 +298,8 @@ class VolumetricPredictor:
             raise ValueError(f"space must be 'voxel' or 'world', got {space!r}")
         stored = np.asarray(point, np.float64).reshape(1, 3)
         if space == "world":
-            stored = grid.world_to_stored(stored)
-        shape = np.asarray(grid.stored_shape)
-        if np.any(stored < -0.5) or np.any(stored > shape - 0.5):
-            raise ValueError(
-                f"point {list(point)} ({space}) is outside the image (voxel {np.round(stored[0], 2).tolist()}, "
-                f"image shape {shape.tolist()}): each voxel index must lie in -0.5 .. n - 0.5"
-            )
+            stored = world_to_voxel(stored, grid.stored_affine)
+        check_inside_image(stored, [point], space, grid.stored_shape)
         obj = self._object(key)
         obj.clicks += 1
         point = grid.stored_to_network(stored)[0]
@@ -332,17 +328,13 @@ class VolumetricPredictor:
         grid = self._require_image()
         corners = np.asarray([box_min, box_max], np.float64).reshape(2, 3)
         if space == "world":
-            corners = grid.world_to_stored(corners)
+            corners = world_to_voxel(corners, grid.stored_affine)
         elif space != "voxel":
             raise ValueError(f"space must be 'voxel' or 'world', got {space!r}")
         low, high = corners.min(0), corners.max(0)
         if space == "voxel" and np.any(corners[0] > corners[1]):
             raise ValueError(f"box min {list(box_min)} is not <= max {list(box_max)} on every axis")
-        shape = np.asarray(grid.stored_shape)
-        if np.any(low < -0.5) or np.any(high > shape - 0.5):
-            raise ValueError(
-                f"box {list(box_min)}..{list(box_max)} ({space}) leaves the image of shape {shape.tolist()}"
-            )
+        check_inside_image(corners, [box_min, box_max], space, grid.stored_shape, "box corner")
         obj = self._object(key)
         obj.boxes += 1
         centre = grid.stored_to_network((low + high) / 2)[0]

@@ -7,7 +7,7 @@ Drawn with matplotlib's Agg canvas (no display, no pyplot state), written atomic
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ def render_preview(
     image: Any,
     label_map: Any,
     labels: LabelTable | None = None,
-    clicks: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
+    clicks: Mapping[int, Sequence[tuple[Sequence[float], bool]]] | None = None,
     modality: str = "",
 ):
     """The preview as a matplotlib ``Figure`` (Agg canvas), :func:`preview_size` pixels.
@@ -59,8 +59,9 @@ def render_preview(
             identity) turns the slices to the patient's axes: axial and coronal seen from the feet and the front
             (the patient's right on the left), sagittal from the patient's left.
         labels: names and colours.
-        clicks: label value -> (voxel indices ``(n, 3)`` of the stored grid, click labels 1 / 0); the objects
-            shown are these, else the values in ``label_map``.
+        clicks: label value -> its clicks, ``(voxel indices of the stored grid, positive)`` (as
+            :class:`~custom.object_prompts.ObjectPrompts` holds them); the objects shown are these, else the values
+            in ``label_map``.
         modality: picks the display window (:data:`WINDOWS`).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -95,9 +96,9 @@ def render_preview(
         label = labels[value]
         colour = np.asarray(label.color) / 255
         inside = np.argwhere(mask == value) if value else np.empty((0, 3))
-        points, kinds = clicks.get(value, (np.empty((0, 3)), np.empty(0)))
-        points = to_ras(np.asarray(points, np.float64).reshape(-1, 3))
-        kinds = np.asarray(kinds).reshape(-1)
+        given = clicks.get(value, ())
+        points = to_ras(np.asarray([point for point, _ in given], np.float64).reshape(-1, 3))
+        kinds = np.asarray([int(positive) for _, positive in given]).reshape(-1)
         if len(inside):
             centre = np.rint(inside.mean(0)).astype(int)
         elif (kinds == 1).any():
@@ -143,7 +144,7 @@ def write_preview(
     image: Any,
     label_map: Any,
     labels: LabelTable | None = None,
-    clicks: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
+    clicks: Mapping[int, Sequence[tuple[Sequence[float], bool]]] | None = None,
     modality: str = "",
 ) -> Path:
     """Write :func:`render_preview` as a PNG at ``path``, atomically."""

@@ -208,11 +208,6 @@ class NetworkGrid:
         mapped = points @ self.stored_to_network_matrix[:3, :3].T + self.stored_to_network_matrix[:3, 3]
         return torch.as_tensor(mapped, dtype=torch.float32)
 
-    def world_to_stored(self, points: np.ndarray | torch.Tensor) -> np.ndarray:
-        """``(N, 3)`` world coordinates (mm, the affines' space) -> float voxel coordinates of the stored grid."""
-        points = np.asarray(points, np.float64).reshape(-1, 3)
-        return np.linalg.solve(self.stored_affine, np.c_[points, np.ones(len(points))].T).T[:, :3]
-
     def stored_box(self, network_box: Sequence[tuple[int, int]]) -> list[tuple[int, int]] | None:
         """The box of stored voxels whose nearest network voxel lies in ``network_box`` (``[lo, hi)`` per
         network axis); None if empty. Returned per stored axis, ``[lo, hi)``."""

@@ -35,17 +35,15 @@ from .io import (
     read_npz_case,
     write_label_map,
 )
+from .object_prompts import PROMPTS_META, CasePrompts, object_prompts
 from .prompts import mask_box
 from .window import extract_window, normalize_crop
 
 logger = logging.getLogger(__name__)
 
 
-#: keys the pre-processing adds for the inferer (``PrepareBatchExtraInput`` passes them on).
-POINT_COORDS, POINT_LABELS, OBJECT_LABELS, BOXES = "point_coords", "point_labels", "object_labels", "boxes"
-
-
-PROMPT_REQUEST, PROMPT_REPORT = "prompt_request", "prompt_report"
+#: where the inferer leaves its report (JSON, one per volume) in the prediction's metadata
+PROMPT_REPORT = "prompt_report"
 
 
 #: set in a prediction's metadata when the inferer reported its case as failed (nothing is saved for it)
@@ -208,11 +206,6 @@ class MatchPrevMaskd(MapTransform):
         return d
 
 
-#: where :class:`ClicksToVoxelsd` also leaves the prompts, in the image's metadata (JSON), for an inferer that
-#: is called as ``inferer(inputs, network)`` (MONAI Label)
-PROMPTS_META = "prompted_objects"
-
-
 class ClientPromptsd(MapTransform):
     """Clicks as interactive clients send them (MONAI Label, 3D Slicer) -> this bundle's ``objects``.
 
@@ -289,19 +282,15 @@ class ClientPromptsd(MapTransform):
 
 
 class ClicksToVoxelsd(MapTransform):
-    """Check each object's clicks against the loaded image and express them as voxel indices of its stored grid.
-
-    Reads ``objects`` (see :mod:`custom.data`); writes ``point_coords`` ``(n_objects, n_max, 3)`` (float64 voxel
-    indices, array order), ``point_labels`` ``(n_objects, n_max)`` (1, 0, and -1 for padding), ``object_labels``
-    ``(n_objects,)``, ``boxes`` ``(n_objects, 2, 3)`` (each object's box as stored-grid voxel corners, NaN for
-    none), and ``prompt_request`` (the objects as given, JSON, for the report).
-
-    A point is inside the image when each voxel index lies in ``-0.5 .. n - 0.5`` (voxel ``i`` spans ``i - 0.5``
-    to ``i + 0.5``): ``-0.4`` is in voxel 0, ``-0.6`` is outside.
+    """Check each object's clicks and box against the loaded image and express them as voxel indices of its stored
+    grid: ``objects`` (parsed, see :mod:`custom.data`) becomes a :class:`~custom.object_prompts.CasePrompts` of
+    :class:`~custom.object_prompts.ObjectPrompts`, the one form the prompts keep up to the predictor. The same
+    tuple is left in the image's metadata (``prompted_objects``) for an inferer called as ``inferer(image,
+    network)``, as MONAI Label does.
 
     Args:
         keys: the image key, whose affine and shape define the stored grid.
-        objects_key: where the parsed objects are.
+        objects_key: where the parsed objects are, and where their checked form goes.
         max_clicks_per_object: more clicks on one object are refused (each is a prompt step: 1,000 clicks take
             half a minute).
     """
@@ -319,61 +308,20 @@ class ClicksToVoxelsd(MapTransform):
         d = dict(data)
         image = d[self.first_key(d)]
         affine = np.asarray(image.affine, dtype=np.float64)
-        shape = np.asarray(image.shape[1:])
-        objects = d.pop(self.objects_key)
         case = d.get("case", case_name(_source_name(image)))
-        n_max = max(max(len(obj["points"]) for obj in objects), 1)
-        coords = np.zeros((len(objects), n_max, 3))
-        labels = np.full((len(objects), n_max), -1, dtype=np.int64)
-        boxes = np.full((len(objects), 2, 3), np.nan)  # NaN: no box
-        for i, obj in enumerate(objects):
+        prompts = []
+        for obj in d[self.objects_key]:
             where = f"case {case!r}, object label {obj['label']}"
             if len(obj["points"]) > self.max_clicks_per_object:
                 raise CaseError(
                     f"{where}: {len(obj['points']):,} clicks, more than max_clicks_per_object="
                     f"{self.max_clicks_per_object} (each click is a prompt step); give fewer, or raise the limit"
                 )
-            if obj["points"]:
-                points = self._to_voxels(np.asarray(obj["points"], dtype=np.float64), obj["space"], affine)
-                self._check_inside(points, obj["points"], obj["space"], shape, f"{where}: point")
-                coords[i, : len(points)] = points
-                labels[i, : len(points)] = obj["point_labels"]
-            if "box" in obj:
-                box = obj["box"]
-                corners = self._to_voxels(np.asarray([box["min"], box["max"]], np.float64), box["space"], affine)
-                self._check_inside(corners, [box["min"], box["max"]], box["space"], shape, f"{where}: box corner")
-                boxes[i] = np.stack([corners.min(0), corners.max(0)])
-        d[POINT_COORDS] = torch.as_tensor(coords)
-        d[POINT_LABELS] = torch.as_tensor(labels)
-        d[BOXES] = torch.as_tensor(boxes)
-        d[OBJECT_LABELS] = torch.as_tensor([obj["label"] for obj in objects], dtype=torch.int64)
-        d[PROMPT_REQUEST] = json.dumps(objects)
+            prompts.append(object_prompts(obj, affine, image.shape[1:], where))
+        d[self.objects_key] = CasePrompts(tuple(prompts))
         if isinstance(image, MetaTensor):
-            prompts = {
-                "point_coords": coords.tolist(),
-                "point_labels": labels.tolist(),
-                "boxes": [None if np.isnan(box).any() else box.tolist() for box in boxes],
-                "object_labels": d[OBJECT_LABELS].tolist(),
-            }
-            image.meta[PROMPTS_META] = json.dumps(prompts)
+            image.meta[PROMPTS_META] = d[self.objects_key]
         return d
-
-    @staticmethod
-    def _to_voxels(points: np.ndarray, space: str, affine: np.ndarray) -> np.ndarray:
-        if space != "world":
-            return points
-        return np.linalg.solve(affine, np.c_[points, np.ones(len(points))].T).T[:, :3]
-
-    @staticmethod
-    def _check_inside(points: np.ndarray, given: Sequence[Any], space: str, shape: np.ndarray, what: str) -> None:
-        outside = np.any((points < -0.5) | (points > shape - 0.5), axis=1)
-        if outside.any():
-            j = int(np.argmax(outside))
-            raise CaseError(
-                f"{what} {list(given[j])} ({'mm' if space == 'world' else 'voxels'}) is outside the image "
-                f"(voxel {np.round(points[j], 2).tolist()}, image shape {shape.tolist()}): each voxel index must lie "
-                "in -0.5 .. n - 0.5, voxel i spanning i - 0.5 to i + 0.5"
-            )
 
 
 class SaveSegmentationd(MapTransform):
@@ -387,7 +335,7 @@ class SaveSegmentationd(MapTransform):
         output_dir: the root folder.
         postfix: file name suffix.
         report_key: the dict to write as ``<case>_<postfix>.json`` (from the inferer), merged with
-            ``prompt_request`` (the clicks as given) and ``extra_report``.
+            each object as requested (``objects``) and ``extra_report``.
         extra_report: constant entries for every report (for example the network and checkpoint).
 
     (MONAI's ``SaveImaged`` writes the image alone through a writer class; this adds the DICOM-SEG on the source
@@ -436,7 +384,9 @@ class SaveSegmentationd(MapTransform):
             if self.output_ext == ".dcm":
                 _check_dicom_source(source, case)
             series = d.get("series_uid") or notes.get("dicom_series_uid")
-            clicks = _clicks(d, image)
+            prompts = d.get("objects") or getattr(image, "meta", {}).get(PROMPTS_META)
+            objects = prompts.objects if isinstance(prompts, CasePrompts) else ()
+            clicks = {obj.label: obj.clicks for obj in objects}
             write_atomic(
                 target,
                 lambda path: write_label_map(
@@ -447,10 +397,9 @@ class SaveSegmentationd(MapTransform):
             inferred = label_map.meta.pop(self.report_key, None) if isinstance(label_map, MetaTensor) else None
             inferred = d.get(self.report_key, inferred)
             report.update(json.loads(inferred) if isinstance(inferred, str) else {})
-            if PROMPT_REQUEST in d:  # each object: the clicks as given, then what the predictor did with them
-                requested = json.loads(d[PROMPT_REQUEST])
-                done = report.get("objects", [{}] * len(requested))
-                report["objects"] = [dict(given, **used) for given, used in zip(requested, done)]
+            if objects:  # each object: the clicks as given, then what the predictor did with them
+                done = report.get("objects", [{}] * len(objects))
+                report["objects"] = [dict(obj.given, **used) for obj, used in zip(objects, done)]
             report.update(notes)
             report.update(image=source, segmentation=str(target))
             if self.preview:
@@ -465,19 +414,6 @@ class SaveSegmentationd(MapTransform):
             logger.info(f"{case}: wrote {target} and {report_path}")
             d[f"{key}_saved_to"] = str(target)
         return d
-
-
-def _clicks(d: Mapping[Hashable, Any], image: Any) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Each object's label value -> its clicks (voxel indices of the stored grid) and their labels (1, 0)."""
-    if OBJECT_LABELS in d and POINT_COORDS in d:
-        values, coords, kinds = (np.asarray(d[k]) for k in (OBJECT_LABELS, POINT_COORDS, POINT_LABELS))
-    else:
-        prompts = image.meta.get(PROMPTS_META) if isinstance(image, MetaTensor) else None
-        if not isinstance(prompts, str):
-            return {}
-        prompts = json.loads(prompts)
-        values, coords, kinds = (np.asarray(prompts[k]) for k in ("object_labels", "point_coords", "point_labels"))
-    return {int(v): (coords[i][kinds[i] >= 0], kinds[i][kinds[i] >= 0]) for i, v in enumerate(values.reshape(-1))}
 
 
 class LabelClassesd(MapTransform):

@@ -127,7 +127,7 @@ def run_inference(tmp_path, network, roi_size=32, **overrides):
         workflow_type="infer",
         output_dir=str(out),
         network=network,
-        **{"inferer#roi_size": roi_size, "inferer#intensity_normalization": None},
+        **{"predictor#roi_size": roi_size, "predictor#intensity_normalization": None},
         **overrides,
     )
     workflow.initialize()
@@ -235,7 +235,7 @@ def evaluate(tmp_path, dataset, network, num_clicks=3, **overrides):
         output_dir=str(tmp_path / "eval"),
         network=network,
         num_clicks=num_clicks,
-        **{"inferer#roi_size": 32, "inferer#intensity_normalization": None},
+        **{"predictor#roi_size": 32, "predictor#intensity_normalization": None},
         **overrides,
     )
     workflow.initialize()

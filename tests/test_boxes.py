@@ -106,7 +106,7 @@ def test_box_forms_parse_and_land_on_the_right_voxels(tmp_path):
         case = CaseList(input_dict=entry).cases[0]
         image = MetaTensor(torch.ones(1, 20, 20, 10), affine=torch.as_tensor(affine))
         out = ClicksToVoxelsd()({**case, "image": image})
-        np.testing.assert_allclose(out["boxes"][0].numpy(), [[2, 3, 1], [8, 9, 4]], atol=1e-6)
+        np.testing.assert_allclose(out["objects"].objects[0].box, [[2, 3, 1], [8, 9, 4]], atol=1e-6)
     bad = CaseList(input_dict={"image": path, "box": {"min": [5, 5, 5], "max": [1, 1, 1]}})
     assert "is not a box" in bad.failures[0]
 
@@ -193,7 +193,7 @@ def test_a_challenge_npz_case_runs_end_to_end(tmp_path):
         datalist=str(tmp_path / "list.json"),
         output_dir=str(tmp_path / "eval"),
         network=ThresholdNetwork(),
-        **{"inferer#roi_size": 32, "inferer#intensity_normalization": None, "report#progress": False},
+        **{"predictor#roi_size": 32, "predictor#intensity_normalization": None, "report#progress": False},
     )
     workflow.initialize()
     workflow.run()

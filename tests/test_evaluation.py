@@ -151,10 +151,10 @@ def test_network_grid_paste_back_agrees_with_monai_inversion(tmp_path):
 
 def test_the_challenge_protocol_with_other_settings_than_the_challenges_says_so(caplog):
     from custom.evaluation import ClickEvaluationStep
-    from custom.inferer import PromptedInferer
+    from custom.predictor import VolumetricPredictor
 
     with caplog.at_level("WARNING", logger="custom.evaluation"):
-        ClickEvaluationStep(PromptedInferer(), num_clicks=5, protocol="cvpr25", nsd_tolerance_mm=2.0)
+        ClickEvaluationStep(VolumetricPredictor, num_clicks=5, protocol="cvpr25", nsd_tolerance_mm=2.0)
         assert not caplog.records
-        ClickEvaluationStep(PromptedInferer(), num_clicks=10, protocol="cvpr25", nsd_tolerance_mm=1.0)
+        ClickEvaluationStep(VolumetricPredictor, num_clicks=10, protocol="cvpr25", nsd_tolerance_mm=1.0)
     assert len(caplog.records) == 1 and "evaluate_cvpr25.json" in caplog.records[0].getMessage()

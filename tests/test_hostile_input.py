@@ -338,7 +338,7 @@ def _labelled_case(folder, name, label, image=None, affine=None, label_dtype=np.
 def _evaluate_folder(tmp_path, dataset, network, **overrides):
     """evaluate.json on ``dataset/dataset.json`` into ``tmp_path/eval`` (3 clicks, 32^3 windows, raw intensities,
     unless ``overrides`` say otherwise); returns (summary, rows, the run's failure message or None)."""
-    settings = {"num_clicks": 3, "inferer#roi_size": 32, "inferer#intensity_normalization": None}
+    settings = {"num_clicks": 3, "predictor#roi_size": 32, "predictor#intensity_normalization": None}
     workflow = ConfigWorkflow(
         config_file=str(BUNDLE / "configs" / "evaluate.json"),
         workflow_type="infer",
@@ -459,7 +459,7 @@ def test_a_resumed_evaluation_gives_the_uninterrupted_numbers(tmp_path):
     entries = [_labelled_case(dataset, "pair", label, image)]
     entries.append(_labelled_case(dataset, "other", np.roll(label, 3, axis=1), np.roll(image, 3, axis=1)))
     _dataset_json(dataset, entries)
-    settings = {"inferer#roi_size": 64}
+    settings = {"predictor#roi_size": 64}
     summary, rows, _ = _evaluate_folder(tmp_path, dataset, _CentreNetwork(), **settings)
     assert len(rows) == 2 * 2 * 3
     # interrupted after the first target: metrics.csv holds its rows only

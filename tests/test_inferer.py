@@ -3,6 +3,7 @@ prompts as tensors or in the image's metadata, per-volume failures, earlier labe
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -11,7 +12,9 @@ from helpers import ThresholdNetwork
 from monai.data import MetaTensor
 
 from custom.inferer import AutocastInferer, PromptedInferer, _added
-from custom.transforms import PROMPT_FAILED, PROMPT_REPORT, PROMPTS_META
+from custom.object_prompts import PROMPTS_META, CasePrompts, ObjectPrompts
+from custom.predictor import VolumetricPredictor
+from custom.transforms import PROMPT_FAILED, PROMPT_REPORT
 
 SHAPE = (24, 20, 16)
 
@@ -28,16 +31,21 @@ def _batch(volumes: int = 2) -> MetaTensor:
     return batch
 
 
+def _object(label: int, *points: tuple[float, float, float]) -> ObjectPrompts:
+    """An object with a positive click at each point (stored-grid voxels)."""
+    return ObjectPrompts(label, tuple((tuple(float(c) for c in point), True) for point in points))
+
+
 def _inferer(**kwargs) -> PromptedInferer:
-    return PromptedInferer(spacing_mm=1.0, roi_size=16, intensity_normalization=None, **kwargs)
+    settings = {"spacing_mm": 1.0, "roi_size": 16, "intensity_normalization": None}
+    settings.update({k: kwargs.pop(k) for k in list(kwargs) if k not in ("failures", "predictor_cache")})
+    return PromptedInferer(functools.partial(VolumetricPredictor, **settings), **kwargs)
 
 
 def test_each_object_gets_its_label_where_its_click_is_and_the_report_says_what_was_done():
-    # volume 0: object 3 clicked in the first box, object 7 in the second; volume 1: one object and padding
-    coords = torch.tensor([[[[5.0, 6, 7]], [[17.0, 13, 7]]], [[[10.0, 10, 8]], [[0.0, 0, 0]]]])
-    labels = torch.tensor([[[1], [1]], [[1], [-1]]])
-    objects = torch.tensor([[3, 7], [2, 9]])
-    out = _inferer()(_batch(), ThresholdNetwork(), coords, labels, object_labels=objects)
+    # volume 0: object 3 clicked in the first box, object 7 in the second; volume 1: one object and one without
+    objects = [[_object(3, (5, 6, 7)), _object(7, (17, 13, 7))], [_object(2, (10, 10, 8)), _object(9)]]
+    out = _inferer()(_batch(), ThresholdNetwork(), objects)
     assert out.shape == (2, 1, *SHAPE) and out.dtype == torch.int16
     first, second = out[0, 0], out[1, 0]
     assert (first[2:8, 3:9, 4:10] == 3).all() and (first[14:20, 10:16, 4:10] == 7).all()
@@ -50,18 +58,19 @@ def test_each_object_gets_its_label_where_its_click_is_and_the_report_says_what_
 
 def test_prompts_left_in_the_metadata_are_used_when_none_are_passed():
     batch = _batch(volumes=1)
-    batch.meta[PROMPTS_META] = [
-        json.dumps({"object_labels": [5], "point_coords": [[[17.0, 13.0, 7.0]]], "point_labels": [[1]]})
-    ]
+    batch.meta[PROMPTS_META] = CasePrompts((_object(5, (17, 13, 7)),))
     out = _inferer()(batch, ThresholdNetwork())
     assert (out[0, 0][14:20, 10:16, 4:10] == 5).all() and not out[0, 0][2:8, 3:9, 4:10].any()
+    assert PROMPTS_META not in out.meta  # the prompts are not handed on with the prediction
 
 
 def test_no_prompts_and_plain_tensors_are_refused_with_what_to_do():
-    with pytest.raises(ValueError, match="pass point_coords and point_labels"):
+    with pytest.raises(ValueError, match="pass objects"):
         _inferer()(_batch(), ThresholdNetwork())
+    with pytest.raises(ValueError, match="each of the 2 volume"):  # one volume's objects for a batch of two
+        _inferer()(_batch(), ThresholdNetwork(), [[_object(1, (5, 6, 7))]])
     with pytest.raises(TypeError, match="MetaTensors"):
-        _inferer()(torch.zeros(1, 1, *SHAPE), ThresholdNetwork(), torch.zeros(1, 1, 1, 3), torch.ones(1, 1, 1))
+        _inferer()(torch.zeros(1, 1, *SHAPE), ThresholdNetwork(), [[_object(1, (0, 0, 0))]])
 
 
 class _Failures:
@@ -73,15 +82,14 @@ class _Failures:
 
 
 def test_a_volume_that_fails_is_reported_and_flagged_and_the_others_are_segmented():
-    coords = torch.tensor([[[[5.0, 6, 7]]], [[[500.0, 10, 8]]]])  # volume 1's click lies outside its image
-    labels = torch.ones(2, 1, 1, dtype=torch.long)
+    objects = [[_object(1, (5, 6, 7))], [_object(1, (500, 10, 8))]]  # volume 1's click lies outside its image
     failures = _Failures()
-    out = _inferer(failures=failures)(_batch(), ThresholdNetwork(), coords, labels, case=["first", "second"])
+    out = _inferer(failures=failures)(_batch(), ThresholdNetwork(), objects, case=["first", "second"])
     assert out.meta[PROMPT_FAILED] == [False, True]
     assert len(failures.messages) == 1 and failures.messages[0].startswith("case 'second'")
     assert (out[0, 0][2:8, 3:9, 4:10] == 1).all() and not out[1].any()
     with pytest.raises(Exception):  # without a failure list the error propagates
-        _inferer()(_batch(), ThresholdNetwork(), coords, labels)
+        _inferer()(_batch(), ThresholdNetwork(), objects)
 
 
 def test_an_earlier_label_map_is_kept_where_no_window_reaches():
@@ -91,22 +99,9 @@ def test_an_earlier_label_map_is_kept_where_no_window_reaches():
     earlier = torch.zeros(1, 1, 64, 20, 16, dtype=torch.int16)
     earlier[0, 0, 60:63, 0:2, 0:2] = 4
     earlier[0, 0, 2:8, 3:9, 4:10] = 4
-    out = _inferer(max_windows=1)(
-        batch,
-        ThresholdNetwork(),
-        torch.tensor([[[[5.0, 6, 7]]]]),
-        torch.ones(1, 1, 1),
-        object_labels=torch.tensor([[4]]),
-        prev_mask=earlier,
-    )
+    out = _inferer(max_windows=1)(batch, ThresholdNetwork(), [[_object(4, (5, 6, 7))]], prev_mask=earlier)
     assert (out[0, 0][60:63, 0:2, 0:2] == 4).all() and (out[0, 0][2:8, 3:9, 4:10] == 4).all()
-    plain = _inferer(max_windows=1)(
-        batch,
-        ThresholdNetwork(),
-        torch.tensor([[[[5.0, 6, 7]]]]),
-        torch.ones(1, 1, 1),
-        object_labels=torch.tensor([[4]]),
-    )
+    plain = _inferer(max_windows=1)(batch, ThresholdNetwork(), [[_object(4, (5, 6, 7))]])
     assert not plain[0, 0][60:63, 0:2, 0:2].any()
 
 

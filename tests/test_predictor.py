@@ -113,7 +113,7 @@ def test_a_grid_too_large_to_allocate_is_refused_before_allocating():
 def test_clicks_outside_the_image_and_in_no_window_are_handled():
     predictor = VolumetricPredictor(CountingNetwork(), roi_size=32, intensity_normalization=None)
     predictor.set_image(_image())
-    with pytest.raises(ValueError, match=r"point \[30, 2, 2\] \(voxel\) is outside the image"):
+    with pytest.raises(ValueError, match=r"point \[30, 2, 2\] \(voxels\) is outside the image"):
         predictor.add_click("a", [30, 2, 2], positive=True)
     predictor.add_click("a", [5, 5, 5], positive=False)  # nothing predicted, nothing to correct: no window
     assert predictor.report("a")["ignored_clicks"] == 1 and not predictor.mask("a").any()

@@ -11,10 +11,12 @@ each new image costs exactly one encoder pass.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from monai.data import MetaTensor
 
 from custom.inferer import PredictorCache, PromptedInferer
 from custom.networks import build_sam_med3d
+from custom.object_prompts import ObjectPrompts
 from custom.predictor import VolumetricPredictor
 from custom.transforms import PROMPT_REPORT
 
@@ -88,24 +91,22 @@ def _batch(path: Path | None, seed: int = 0, affine: np.ndarray = AFFINE) -> Met
     return image
 
 
-def _prompts(*objects: list[Click]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(1, n_objects, n_max, 3)`` clicks and ``(1, n_objects, n_max)`` labels (-1: padding)."""
-    n_max = max(len(clicks) for clicks in objects)
-    coords = torch.zeros(1, len(objects), n_max, 3)
-    labels = torch.full((1, len(objects), n_max), -1, dtype=torch.long)
-    for i, clicks in enumerate(objects):
-        for j, (point, positive) in enumerate(clicks):
-            coords[0, i, j] = torch.tensor(point, dtype=torch.float32)
-            labels[0, i, j] = int(positive)
-    return coords, labels
+def _prompts(*objects: list[Click], labels: Sequence[int] | None = None) -> list[list[ObjectPrompts]]:
+    """One volume's objects (labels 1, 2, ... unless given), each with its clicks."""
+    labels = labels or range(1, len(objects) + 1)
+    return [
+        [
+            ObjectPrompts(label, tuple((tuple(map(float, p)), bool(s)) for p, s in clicks))
+            for label, clicks in zip(labels, objects)
+        ]
+    ]
 
 
 def _segment(
     inferer: PromptedInferer, network: torch.nn.Module, image: MetaTensor, *objects: list[Click], **kwargs: Any
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One request: the label map ``(D, H, W)`` and the volume's report."""
-    coords, labels = _prompts(*objects)
-    result = inferer(image, network, coords, labels, **kwargs)
+    result = inferer(image, network, _prompts(*objects), **kwargs)
     return result[0, 0].as_tensor(), json.loads(result.meta[PROMPT_REPORT][0])
 
 
@@ -259,9 +260,12 @@ def test_network_modality_and_settings_are_part_of_the_key(tmp_path):
     _, report = _segment(inferer, network, image, [P1], modality="MR")
     assert report["predictor_reused"] is False and calls.encode == 2
 
-    other_settings = PromptedInferer(predictor_cache=cache, spacing_mm=2.0)
+    other_settings = PromptedInferer(functools.partial(VolumetricPredictor, spacing_mm=2.0), predictor_cache=cache)
     _, report = _segment(other_settings, network, image, [P1], modality="CT")
     assert report["predictor_reused"] is False and calls.encode == 3
+    equal_settings = PromptedInferer(functools.partial(VolumetricPredictor, spacing_mm=2.0), predictor_cache=cache)
+    _, report = _segment(equal_settings, network, image, [P1, P2], modality="CT")  # as a config builds it again
+    assert report["predictor_reused"] is True and calls.encode == 3
 
     same_settings = PromptedInferer(predictor_cache=cache)  # another inferer with equal settings shares it
     _, report = _segment(same_settings, network, image, [P1, P2], modality="CT")
@@ -337,9 +341,8 @@ def test_images_without_a_file_and_duplicate_objects_are_not_kept(tmp_path):
     assert calls.encode == 2 and len(cache) == 0
 
     image = _batch(_write(tmp_path / "a.nii.gz", 0))
-    coords, labels = _prompts([P1], [P2])
     for _ in range(2):
-        inferer(image, network, coords, labels, object_labels=torch.tensor([[1, 1]]))
+        inferer(image, network, _prompts([P1], [P2], labels=[1, 1]))
     assert calls.encode == 4 and len(cache) == 0
 
 

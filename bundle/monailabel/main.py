@@ -223,12 +223,11 @@ class SamMed3DInferTask(BundleInferTask):
 
     def writer(self, data, extension=None, dtype=None):
         result_file, result_json = super().writer(data, extension, dtype)
-        from custom.transforms import PROMPT_REPORT, PROMPT_REQUEST
+        from custom.transforms import PROMPT_REPORT
 
-        objects = json.loads(data.get(PROMPT_REQUEST) or "[]")
         names = {value: name for name, value in self.labels.items()}
         result_json["prompted_labels"] = {
-            str(o.get("name") or names.get(int(o["label"])) or f"object {o['label']}"): int(o["label"]) for o in objects
+            str(o.name or names.get(o.label) or f"object {o.label}"): o.label for o in data["objects"].objects
         }
         report = json.loads(data.get(PROMPT_REPORT) or "{}")
         result_json["predictor"] = {
