@@ -35,7 +35,7 @@ from .io import (
     read_npz_case,
     write_label_map,
 )
-from .object_prompts import PROMPTS_META, CasePrompts, object_prompts
+from .object_prompts import PROMPTS_META, CasePrompts, object_prompts, world_to_voxel
 from .prompts import mask_box
 from .window import extract_window, normalize_crop
 
@@ -612,8 +612,7 @@ class WorldPointToVoxeld(MapTransform):
         d = dict(data)
         affine = np.asarray(d[self.image_key].affine, np.float64)
         for key in self.key_iterator(d):
-            world = np.asarray(d.pop(key), np.float64)
-            voxel = np.linalg.solve(affine, np.append(world, 1.0))[:3]
+            voxel = world_to_voxel(d.pop(key), affine)[0]
             d[self.output_key] = torch.as_tensor(voxel, dtype=torch.float32)
         return d
 
