@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
+from monai.transforms.utils import apply_affine_to_points
 
 from .cases import CaseError
 
@@ -66,8 +68,9 @@ class CasePrompts:
 
 def world_to_voxel(points: np.ndarray | Sequence[Sequence[float]], affine: np.ndarray) -> np.ndarray:
     """``(N, 3)`` world coordinates (mm, the affine's space) -> float voxel indices of the grid of ``affine``."""
-    points = np.asarray(points, np.float64).reshape(-1, 3)
-    return np.linalg.solve(np.asarray(affine, np.float64), np.c_[points, np.ones(len(points))].T).T[:, :3]
+    points = torch.as_tensor(np.asarray(points, np.float64).reshape(1, -1, 3))
+    to_voxel = torch.linalg.inv(torch.as_tensor(np.asarray(affine, np.float64)))
+    return apply_affine_to_points(points, to_voxel, dtype=torch.float64)[0].numpy()
 
 
 def check_inside_image(

@@ -384,7 +384,7 @@ class SaveSegmentationd(MapTransform):
             if self.output_ext == ".dcm":
                 _check_dicom_source(source, case)
             series = d.get("series_uid") or notes.get("dicom_series_uid")
-            prompts = d.get("objects") or getattr(image, "meta", {}).get(PROMPTS_META)
+            prompts = d.get("objects")
             objects = prompts.objects if isinstance(prompts, CasePrompts) else ()
             clicks = {obj.label: obj.clicks for obj in objects}
             write_atomic(
