@@ -14,11 +14,11 @@ from scipy import ndimage
 
 from custom.data import CaseList
 from custom.engines import InteractiveSegmentation
-from custom.evaluation import cvpr25_summary
 from custom.io import read_npz_case
 from custom.networks import build_sam_med3d
 from custom.predictor import VolumetricPredictor
 from custom.prompts import axial_axis, box_from_challenge, challenge_box, largest_error_click
+from custom.reports import cvpr25_summary
 
 
 def test_the_click_is_at_the_centre_of_the_largest_error_component():

@@ -11,8 +11,9 @@ from helpers import ThresholdNetwork, evaluate, two_blob_volumes, write_msd_data
 from monai.transforms import Compose, EnsureChannelFirst, Invert, LoadImage, Orientation, Orientationd, Spacing
 from scipy import ndimage
 
-from custom.evaluation import dice_and_nsd, summarize
+from custom.evaluation import dice_and_nsd
 from custom.prompts import inner_core_click, simulated_click
+from custom.reports import summarize
 from custom.spacing import AxisAlignedSpacingd, NetworkGrid
 
 
