@@ -1,7 +1,8 @@
 """The volumetric predictor: set an image once, add clicks to objects, read each object's mask on the stored grid.
 
-As ``SamPredictor`` does for 2D SAM, the image is prepared once (clamped by modality, oriented to RAS, resampled
-to the network's spacing) and every prompt afterwards costs only what it changes:
+As ``SamPredictor`` does for 2D SAM, the image is prepared once (:class:`~custom.preprocessing.NetworkInput`, as
+training prepares it: oriented to RAS, clamped by modality, resampled to the network's spacing) and every prompt
+afterwards costs only what it changes:
 
 - a click runs one prompt step (one ``decode``) in each window of its object that holds it, starting from that
   window's saved low-res logits (a click outside every window opens one centred on it);
@@ -30,15 +31,15 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing, compute_importance_map
-from monai.transforms import Orientation
 
 from .io import load_volume
 from .networks.prompt_encoder import BOX_MAX, BOX_MIN
 from .networks.sam_med3d import mask_prompt_logits, upsample_logits
 from .object_prompts import check_inside_image, world_to_voxel
 from .precision import autocast, check_autocast_dtype
+from .preprocessing import NetworkInput
 from .prompts import CLICK_MEMORIES, check_click_memory, deepest_point, mask_box, prompt_points
-from .spacing import AxisAlignedSpacingd, NetworkGrid
+from .spacing import NetworkGrid
 from .window import extract_window, normalize_crop
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
@@ -117,15 +118,15 @@ class VolumetricPredictor:
         if max_cached_embeddings < 1:
             raise ValueError(f"max_cached_embeddings must be >= 1, got {max_cached_embeddings}")
         self.network = network
-        self.spacing_mm = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing_mm, float), 3))
+        # the image's preparation and each window's normalisation, as the training transforms do them
+        self.network_input = NetworkInput(spacing_mm, intensity_clamp_by_modality, intensity_normalization)
+        self.spacing_mm = self.network_input.spacing_mm
         self.size = int(roi_size or network.img_size)
         self.stride = int(stride or self.size // 2)
         self.max_windows = max_windows
         self.click_memory = check_click_memory(click_memory)
         self.reuse_margin = reuse_margin
         self.autocast_dtype = check_autocast_dtype(autocast_dtype)
-        self.intensity_normalization = intensity_normalization
-        self.clamp_ranges = {k.upper(): tuple(v) for k, v in (intensity_clamp_by_modality or {}).items()}
         self.prev_mask_logit = prev_mask_logit
         self.max_cached_embeddings = max_cached_embeddings
         self.max_grid_voxels = int(max_grid_voxels)
@@ -155,11 +156,9 @@ class VolumetricPredictor:
             shape = tuple(getattr(image, "shape", ()))
             raise ValueError(f"set_image expects a single-channel 3D MetaTensor (1, D, H, W), got shape {shape}")
         stored = image
-        bounds = self.clamp_ranges.get(str(modality).upper())
-        if bounds is not None:  # on the stored grid, before resampling, as training does
-            image = image.clamp(*bounds)
-        oriented = Orientation(axcodes="RAS", labels=None)(image)
-        resample = AxisAlignedSpacingd("image", self.spacing_mm, mode="bilinear")
+        prepare = self.network_input.stored_grid(in_place=False)  # the caller's tensor stays as it was
+        oriented = prepare({"image": image, "modality": str(modality)})["image"]
+        resample = self.network_input.resampling("image", "bilinear")
         network_affine, network_shape = resample.target_grid(oriented)
         voxels = int(np.prod(network_shape))
         if voxels > self.max_grid_voxels:
@@ -250,8 +249,8 @@ class VolumetricPredictor:
         obj.mask = mask.clone()
         obj.prior_box = mask_box(mask)
         meta = MetaTensor(mask[None].to(torch.uint8), affine=torch.as_tensor(grid.stored_affine))
-        oriented = Orientation(axcodes="RAS", labels=None)(meta)
-        resampled = AxisAlignedSpacingd("mask", self.spacing_mm, mode="nearest")({"mask": oriented})["mask"]
+        oriented = self.network_input.stored_grid(image_key=None, label_keys="mask")({"mask": meta})
+        resampled = self.network_input.resampling("mask", "nearest")(oriented)["mask"]
         obj.prior = resampled.as_tensor()[0] > 0
 
     def extent(self, key: Any) -> tuple[slice, slice, slice] | None:
@@ -294,11 +293,7 @@ class VolumetricPredictor:
         """
         started = time.perf_counter()
         grid = self._require_image()
-        if space not in ("voxel", "world"):
-            raise ValueError(f"space must be 'voxel' or 'world', got {space!r}")
-        stored = np.asarray(point, np.float64).reshape(1, 3)
-        if space == "world":
-            stored = world_to_voxel(stored, grid.stored_affine)
+        stored = self._stored_voxels([point], space)
         check_inside_image(stored, [point], space, grid.stored_shape)
         obj = self._object(key)
         obj.clicks += 1
@@ -307,6 +302,13 @@ class VolumetricPredictor:
         self._paste(obj, changed)
         obj.seconds += time.perf_counter() - started
         return obj.mask
+
+    def _stored_voxels(self, points: Sequence[Sequence[float]], space: str) -> np.ndarray:
+        """``(N, 3)`` voxel indices of the stored grid from points given in ``space`` (``"voxel"`` or ``"world"``)."""
+        if space not in ("voxel", "world"):
+            raise ValueError(f"space must be 'voxel' or 'world', got {space!r}")
+        voxels = np.asarray(points, np.float64).reshape(-1, 3)
+        return world_to_voxel(voxels, self._require_image().stored_affine) if space == "world" else voxels
 
     @property
     def supports_boxes(self) -> bool:
@@ -326,11 +328,7 @@ class VolumetricPredictor:
         """
         started = time.perf_counter()
         grid = self._require_image()
-        corners = np.asarray([box_min, box_max], np.float64).reshape(2, 3)
-        if space == "world":
-            corners = world_to_voxel(corners, grid.stored_affine)
-        elif space != "voxel":
-            raise ValueError(f"space must be 'voxel' or 'world', got {space!r}")
+        corners = self._stored_voxels([box_min, box_max], space)
         low, high = corners.min(0), corners.max(0)
         if space == "voxel" and np.any(corners[0] > corners[1]):
             raise ValueError(f"box min {list(box_min)} is not <= max {list(box_max)} on every axis")
@@ -446,8 +444,7 @@ class VolumetricPredictor:
             self.embeddings.move_to_end(start)
             return self.embeddings[start]
         crop = extract_window(self.image[None], start, self.size)
-        if self.intensity_normalization is not None:
-            crop = self.intensity_normalization(crop)
+        crop = self.network_input.normalize_window(crop)
         with torch.no_grad(), autocast(self.device, self.autocast_dtype):
             embedding = self.network.encode(crop[None].to(self.device))
         self.embeddings[start] = embedding

@@ -37,7 +37,7 @@ from .io import (
 )
 from .object_prompts import PROMPTS_META, CasePrompts, object_prompts, world_to_voxel
 from .prompts import mask_box
-from .window import extract_window, normalize_crop
+from .window import extract_window
 
 logger = logging.getLogger(__name__)
 
@@ -614,39 +614,4 @@ class WorldPointToVoxeld(MapTransform):
         for key in self.key_iterator(d):
             voxel = world_to_voxel(d.pop(key), affine)[0]
             d[self.output_key] = torch.as_tensor(voxel, dtype=torch.float32)
-        return d
-
-
-class ClampByModalityd(MapTransform):
-    """Clamp intensities to the range given for the item's modality (``ranges["CT"] = (-1000, 1000)`` as in
-    upstream training); other modalities pass unchanged. The modality comes from the dataset, not the path."""
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        modality_key: str = "modality",
-        ranges: Mapping[str, Sequence[float]] | None = None,
-    ) -> None:
-        super().__init__(keys)
-        self.modality_key = modality_key
-        self.ranges = {
-            k.upper(): tuple(v) for k, v in (ranges if ranges is not None else {"CT": (-1000, 1000)}).items()
-        }
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        bounds = self.ranges.get(str(d.get(self.modality_key, "")).upper())
-        if bounds is not None:
-            for key in self.key_iterator(d):
-                d[key] = d[key].clamp_(*bounds)  # in place: no second copy of a whole volume
-        return d
-
-
-class NormalizeCropd(MapTransform):
-    """Upstream's per-crop intensity normalisation (:func:`normalize_crop`) on each sample."""
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = normalize_crop(d[key])
         return d

@@ -243,7 +243,7 @@ def test_ddp_trains_3dmedsam(tmp_path):
 
 
 def test_clamping_follows_the_dataset_modality():
-    from custom.transforms import ClampByModalityd
+    from custom.preprocessing import ClampByModalityd
 
     image = torch.tensor([[-3000.0, 0.0, 2500.0]])
     clamp = ClampByModalityd(keys="image")
