@@ -67,8 +67,9 @@ def simulate_boxes(target: torch.Tensor, generator: torch.Generator | None) -> t
     ``(B, 2)`` (``BOX_MIN``, ``BOX_MAX``; padding for an empty target). Half of the boxes are the target's 3D
     extent with a random margin of up to 5 % of the window per side, half the CVPR 2025 challenge's box
     widened by 0 to 6 voxels per 256 of the window."""
+    from .cases import box_from_challenge
     from .networks.prompt_encoder import BOX_MAX, BOX_MIN
-    from .prompts import box_from_challenge, challenge_box
+    from .prompts import challenge_box
 
     b, *size = target.shape
     coords = torch.zeros(b, 2, 3, device=target.device)

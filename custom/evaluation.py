@@ -219,7 +219,8 @@ class ClickEvaluationStep:
         axis that ``affine`` runs most nearly head to foot), then ``num_clicks`` steps
         that refine every class at once, each click at the centre of the largest component of that class's error
         on the multi-class prediction (:func:`custom.prompts.largest_error_click`). Scores on that prediction."""
-        from .prompts import axial_axis, box_from_challenge, challenge_box
+        from .cases import box_from_challenge
+        from .prompts import axial_axis, challenge_box
 
         axial = axial_axis(affine)
         rows: list[dict[str, Any]] = []

@@ -99,7 +99,7 @@ def check_inside_image(
 
 
 def object_prompts(obj: Mapping[str, Any], affine: np.ndarray, shape: Sequence[int], where: str) -> ObjectPrompts:
-    """A parsed object (:func:`custom.data.parse_case`: ``label``, ``points``, ``point_labels``, ``space``, and
+    """A parsed object (:func:`custom.cases.parse_case`: ``label``, ``points``, ``point_labels``, ``space``, and
     ``box`` ``{"min", "max", "space"}``) checked against an image (``affine``, spatial ``shape``) and expressed
     on its stored grid; ``where`` starts the error messages."""
     clicks: tuple[tuple[Point, bool], ...] = ()

@@ -5,7 +5,7 @@ Coordinates are voxel indices in array order, as float tensors ``(3,)``; masks a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -36,27 +36,6 @@ def prompt_points(
     chosen = steps[-1:] if check_click_memory(memory) == "newest" else steps
     points = [point for group in chosen for point in group]
     return torch.stack([c for c, _ in points]).float(), torch.tensor([label for _, label in points])
-
-
-def box_from_challenge(box: Mapping[str, float], axial_axis: int = 0) -> tuple[list[float], list[float]]:
-    """The CVPR 2025 challenge's box (``z_min, z_max, z_mid, z_mid_x_min, z_mid_y_min, z_mid_x_max,
-    z_mid_y_max``: a 2D box on slice ``z_mid`` and the z range, closed intervals) as the 3D box ``(min, max)`` it
-    spans, in array order. z is array axis ``axial_axis`` (0 in the challenge's (D, H, W) arrays); y and x are the
-    other two axes, in order.
-
-    Raises:
-        ValueError: naming a missing key or an empty interval.
-    """
-    keys = ("z_min", "z_max", "z_mid_x_min", "z_mid_y_min", "z_mid_x_max", "z_mid_y_max")
-    missing = [k for k in keys if k not in box]
-    if missing:
-        raise ValueError(f"box {dict(box)!r} lacks {missing} (the challenge's keys: {', '.join(keys)}, z_mid)")
-    low = [float(box["z_min"]), float(box["z_mid_y_min"]), float(box["z_mid_x_min"])]
-    high = [float(box["z_max"]), float(box["z_mid_y_max"]), float(box["z_mid_x_max"])]
-    if any(h < lo for lo, h in zip(low, high)):
-        raise ValueError(f"box {dict(box)!r} has an empty interval (min > max)")
-    order = [axial_axis] + [a for a in range(3) if a != axial_axis]  # array axis of z, y, x
-    return [low[order.index(a)] for a in range(3)], [high[order.index(a)] for a in range(3)]
 
 
 def mask_box(mask: torch.Tensor | np.ndarray, margin: int | Sequence[int] = 0) -> list[tuple[int, int]] | None:

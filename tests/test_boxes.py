@@ -12,12 +12,13 @@ from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 from scipy import ndimage
 
+from custom.cases import box_from_challenge
 from custom.data import CaseList
 from custom.engines import InteractiveSegmentation
 from custom.io import read_npz_case
 from custom.networks import build_sam_med3d
 from custom.predictor import VolumetricPredictor
-from custom.prompts import axial_axis, box_from_challenge, challenge_box, largest_error_click
+from custom.prompts import axial_axis, challenge_box, largest_error_click
 from custom.reports import cvpr25_summary
 
 
