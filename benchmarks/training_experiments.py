@@ -63,7 +63,7 @@ def _train(run_dir: Path, cpu_minutes: float, train_datalists: list[str], overri
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, budget)
     workflow.run()
-    from custom.engines import SaveLatestCheckpoint
+    from custom.checkpoints import SaveLatestCheckpoint
 
     handler = next(
         h for h in workflow.parser.get_parsed_content("train#handlers") if isinstance(h, SaveLatestCheckpoint)

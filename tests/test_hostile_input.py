@@ -290,7 +290,7 @@ def test_lowercase_true_and_false_from_the_command_line_mean_what_they_say(tmp_p
     # `python -m monai.bundle run ... --freeze_image_encoder false` delivers the string "false" (truthy)
     from monai.bundle import ConfigParser
 
-    from custom.engines import check_run_folder
+    from custom.checkpoints import check_run_folder
 
     parser = ConfigParser()
     parser.read_config(str(REPO_ROOT / "bundle" / "configs" / "train.json"))
@@ -642,7 +642,7 @@ def test_resume_and_save_errors_name_the_file_and_the_safe_next_step(tmp_path):
 
     from ignite.engine import Engine
 
-    from custom.engines import ResumeTrainingState
+    from custom.checkpoints import ResumeTrainingState
     from custom.files import write_atomic
 
     def resume(path):

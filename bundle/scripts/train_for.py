@@ -30,7 +30,7 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT.parent))
 
 # handlers that a time-boxed run replaces: per-epoch state (100 MB each), per-iteration loss lines
-_REPLACED_HANDLERS = ("custom.engines.SaveLatestCheckpoint", "StatsHandler", "TensorBoardStatsHandler")
+_REPLACED_HANDLERS = ("custom.checkpoints.SaveLatestCheckpoint", "StatsHandler", "TensorBoardStatsHandler")
 
 
 def train_for(
