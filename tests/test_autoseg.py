@@ -102,6 +102,11 @@ def test_autoseg_checkpoint_with_other_class_count_is_refused(tmp_path):
         build_autoseg("sam_med3d_lite", out_channels=1, **LITE)
     loaded = with_weights(small_net(8), tmp_path / "autoseg.pt")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
+    # no file: a starting point may be the initialisation (training from scratch), a network to run may not
+    fresh = small_net(8)
+    assert with_weights(fresh, None, start=True) is fresh and with_weights(fresh, "", start=True) is fresh
+    with pytest.raises(ValueError, match="no weights file given"):
+        with_weights(fresh, None)
 
 
 def test_default_skip_blocks_are_evenly_spaced():

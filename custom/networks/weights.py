@@ -69,9 +69,16 @@ def load_weights(
 
 
 def with_weights(
-    network: nn.Module, path: str | os.PathLike, start: bool = False, allow_pickle: bool = False
+    network: nn.Module, path: str | os.PathLike | None, start: bool = False, allow_pickle: bool = False
 ) -> nn.Module:
-    """``network`` with ``path`` loaded by :func:`load_weights` (strictly), the report logged; for bundle configs."""
+    """``network`` with ``path`` loaded by :func:`load_weights` (strictly), the report logged; for bundle configs.
+    With ``start`` (a starting point for training), no ``path`` (None or empty) leaves the network as built: training
+    from scratch. Without ``start`` a path is required: a network to run is never left with random weights."""
+    if not path:
+        if start:
+            logger.info("no starting weights given: the network trains from its initialisation")
+            return network
+        raise ValueError("no weights file given (ckpt_path is empty): give the checkpoint the network should run with")
     report = load_weights(network, path, start=start, allow_pickle=allow_pickle)
     logger.info(f"loaded {path}{' as a starting point' if start else ''}: {report.describe()}")
     return network
