@@ -85,7 +85,7 @@ def segment(
         entry["prev_mask"] = str(prev_mask)
     if series_uid is not None:
         entry["series_uid"] = str(series_uid)
-    cases = CaseList(input_dict=entry)
+    cases = CaseList.prompted(input_dict=entry)
     if cases.failures:
         cases.raise_if_failed()
     # Every value that came from the caller enters as an object, not as a string the parser would evaluate.

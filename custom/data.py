@@ -52,7 +52,8 @@ def read_datalist(path: str | os.PathLike, data_list_key: str | None = None) -> 
 
 
 class CaseList:
-    """The cases of one run, from ``input_dict`` and/or a datalist, with every invalid one reported.
+    """The cases of one run with every invalid one reported: a plain container, made by its factories
+    (:meth:`prompted` for inference, :meth:`labelled` for evaluation, :meth:`images` for automatic segmentation).
 
     Invalid cases are logged and kept in :attr:`failures`; the valid ones are in :attr:`cases`.
     :meth:`raise_if_failed` ends the run with a non-zero status when anything failed.
@@ -60,11 +61,28 @@ class CaseList:
 
     def __init__(
         self,
+        cases: Sequence[dict[str, Any]] = (),
+        failures: Sequence[str] = (),
+        warnings: Sequence[str] = (),
+    ) -> None:
+        self.cases: list[dict[str, Any]] = list(cases)
+        self.failures: list[str] = list(failures)
+        self.warnings: list[str] = list(warnings)
+
+    @classmethod
+    def prompted(
+        cls,
         input_dict: Mapping[str, Any] | None = None,
         datalist: str | os.PathLike | None = None,
         data_list_key: str | None = None,
         base_dir: str | os.PathLike | None = None,
-    ) -> None:
+    ) -> CaseList:
+        """Cases to segment with their prompts, from ``input_dict`` and/or a datalist, each parsed
+        (:func:`custom.cases.parse_case`); an invalid one is a failure, the others go on.
+
+        Raises:
+            ValueError: nothing to segment.
+        """
         entries: list[tuple[Any, Path | None]] = []
         if input_dict:
             entries.append((input_dict, Path(base_dir) if base_dir else None))
@@ -73,23 +91,22 @@ class CaseList:
             entries.extend((entry, Path(base_dir) if base_dir else folder) for entry in raw)
         if not entries:
             raise ValueError("nothing to segment: give --input_dict or --datalist")
-        self.cases: list[dict[str, Any]] = []
-        self.failures: list[str] = []
-        self.warnings: list[str] = []
+        cases = cls()
         images: list[Path | None] = []
         for entry, folder in entries:
             try:
                 images.append(entry_image(entry, folder))
             except CaseError as err:
                 images.append(None)
-                self.report_failure(str(err))
+                cases.report_failure(str(err))
         named = [(entry, folder, image) for (entry, folder), image in zip(entries, images) if image is not None]
         given = [entry.get("case") for entry, _, _ in named]
         for (entry, folder, _), case in zip(named, unique_case_names([i for _, _, i in named], given)):
             try:
-                self.cases.append(parse_case(entry, folder, case))
+                cases.cases.append(parse_case(entry, folder, case))
             except CaseError as err:
-                self.report_failure(str(err))
+                cases.report_failure(str(err))
+        return cases
 
     @classmethod
     def labelled(
@@ -106,8 +123,7 @@ class CaseList:
         Args:
             max_grid_voxels, spacing_mm: the predictor's limit, checked from each image's header first.
         """
-        cases = cls.__new__(cls)
-        cases.failures, cases.warnings = [], []
+        cases = cls()
         entries, first = [], {}
         for index, entry in enumerate(read_labelled_datalist(datalist, data_list_key, dataset_dir)):
             files = tuple(os.path.realpath(str(entry[k])) if entry.get(k) else None for k in ("image", "label"))
@@ -122,6 +138,65 @@ class CaseList:
         cases.cases, problems = check_labelled_entries(entries, max_grid_voxels=max_grid_voxels, spacing_mm=spacing_mm)
         for problem in problems:
             cases.report_failure(problem)
+        return cases
+
+    @classmethod
+    def images(
+        cls,
+        input_dict: Mapping[str, Any] | None = None,
+        datalist: str | os.PathLike | None = None,
+        data_list_key: str | None = None,
+        require_label: bool = False,
+        max_cases: int | None = None,
+    ) -> CaseList:
+        """Cases to segment automatically, from ``input_dict`` and/or a datalist (a list, or a dict holding one
+        under ``data_list_key``): ``{"image", "case", "modality"}`` (the entry's modality, else an MSD
+        ``dataset.json``'s ``modality["0"]``) plus ``"label"`` where the entry has one;
+        prompts, if any, are ignored. A missing file is reported as a failure of the run
+        (:meth:`raise_if_failed`) and the other cases go on.
+
+        Args:
+            require_label: evaluation: an entry without an existing ``label`` file is a failure.
+            max_cases: keep the first ``max_cases`` entries only (in datalist order); None: all.
+
+        Raises:
+            ValueError: nothing to segment (no input, an empty datalist, ``max_cases < 1``).
+        """
+        entries: list[tuple[Any, Path | None, str]] = [(input_dict, None, "")] if input_dict else []
+        if datalist:
+            raw, folder = read_datalist(datalist, data_list_key)
+            default_modality = dataset_modality(datalist)
+            entries.extend((entry, folder, default_modality) for entry in raw)
+        if max_cases is not None:
+            if max_cases < 1:
+                raise ValueError(f"max_cases must be >= 1 or None, got {max_cases!r}")
+            entries = entries[:max_cases]
+        if not entries:
+            raise ValueError("nothing to segment: give --input_dict or --datalist")
+        cases = cls()
+        valid = []
+        for entry, folder, default_modality in entries:
+            if not isinstance(entry, Mapping) or "image" not in entry:
+                cases.report_failure(f"a case must be a dict with an 'image' path, got {entry!r}")
+                continue
+            paths = {}
+            for key in ("image", "label"):
+                if key in entry:
+                    path = Path(str(entry[key])).expanduser()
+                    paths[key] = Path(os.path.abspath(folder / path if folder is not None else path))
+            valid.append((entry, default_modality, paths))
+        names = unique_case_names([p["image"] for _, _, p in valid], [e.get("case") for e, _, _ in valid])
+        for (entry, default_modality, paths), case in zip(valid, names):
+            problems = [f"{k} {str(p)!r} does not exist" for k, p in paths.items() if not p.exists()]
+            if require_label and "label" not in paths:
+                problems.append("no 'label' entry (evaluation needs the reference segmentation)")
+            if problems:
+                cases.report_failure(f"case {case!r}: " + "; ".join(problems))
+                continue
+            item = {k: str(p) for k, p in paths.items()}
+            if entry.get("series_uid"):
+                item["series_uid"] = str(entry["series_uid"])
+            cases.cases.append(dict(item, case=case, modality=str(entry.get("modality", default_modality))))
         return cases
 
     def report_failure(self, message: str) -> None:
@@ -440,65 +515,6 @@ def expand_targets(entries: Sequence[Mapping[str, Any]], max_targets: int | None
     if max_targets is not None and len(targets) > max_targets:
         targets = [targets[round(i * len(targets) / max_targets)] for i in range(max_targets)]
     return targets
-
-
-def image_case_list(
-    input_dict: Mapping[str, Any] | None = None,
-    datalist: str | os.PathLike | None = None,
-    data_list_key: str | None = None,
-    require_label: bool = False,
-    max_cases: int | None = None,
-) -> CaseList:
-    """Cases to segment automatically, from ``input_dict`` and/or a datalist (a list, or a dict holding one
-    under ``data_list_key``): ``{"image", "case", "modality"}`` (the entry's modality, else an MSD
-    ``dataset.json``'s ``modality["0"]``) plus ``"label"`` where the entry has one;
-    prompts, if any, are ignored. A missing file is reported as a failure of the run
-    (:meth:`CaseList.raise_if_failed`) and the other cases go on.
-
-    Args:
-        require_label: evaluation: an entry without an existing ``label`` file is a failure.
-        max_cases: keep the first ``max_cases`` entries only (in datalist order); None: all.
-
-    Raises:
-        ValueError: nothing to segment (no input, an empty datalist, ``max_cases < 1``).
-    """
-    entries: list[tuple[Any, Path | None, str]] = [(input_dict, None, "")] if input_dict else []
-    if datalist:
-        raw, folder = read_datalist(datalist, data_list_key)
-        default_modality = dataset_modality(datalist)
-        entries.extend((entry, folder, default_modality) for entry in raw)
-    if max_cases is not None:
-        if max_cases < 1:
-            raise ValueError(f"max_cases must be >= 1 or None, got {max_cases!r}")
-        entries = entries[:max_cases]
-    if not entries:
-        raise ValueError("nothing to segment: give --input_dict or --datalist")
-    cases = CaseList.__new__(CaseList)
-    cases.cases, cases.failures, cases.warnings = [], [], []
-    valid = []
-    for entry, folder, default_modality in entries:
-        if not isinstance(entry, Mapping) or "image" not in entry:
-            cases.report_failure(f"a case must be a dict with an 'image' path, got {entry!r}")
-            continue
-        paths = {}
-        for key in ("image", "label"):
-            if key in entry:
-                path = Path(str(entry[key])).expanduser()
-                paths[key] = Path(os.path.abspath(folder / path if folder is not None else path))
-        valid.append((entry, default_modality, paths))
-    names = unique_case_names([p["image"] for _, _, p in valid], [e.get("case") for e, _, _ in valid])
-    for (entry, default_modality, paths), case in zip(valid, names):
-        problems = [f"{k} {str(p)!r} does not exist" for k, p in paths.items() if not p.exists()]
-        if require_label and "label" not in paths:
-            problems.append("no 'label' entry (evaluation needs the reference segmentation)")
-        if problems:
-            cases.report_failure(f"case {case!r}: " + "; ".join(problems))
-            continue
-        item = {k: str(p) for k, p in paths.items()}
-        if entry.get("series_uid"):
-            item["series_uid"] = str(entry["series_uid"])
-        cases.cases.append(dict(item, case=case, modality=str(entry.get("modality", default_modality))))
-    return cases
 
 
 class EpochSampler(Sampler):

@@ -14,7 +14,7 @@ from helpers import CONFIGS, REPO_ROOT, randomize_
 from monai.bundle import ConfigWorkflow
 from monai.losses import DiceCELoss
 
-from custom.data import image_case_list
+from custom.data import CaseList
 from custom.networks import build_autoseg, build_sam_med3d, checkpoint_payload, load_weights, with_weights
 from custom.networks.autoseg import default_skip_blocks
 from custom.networks.checkpoint import save_atomic
@@ -194,7 +194,7 @@ def test_training_through_the_bundle_initialises_the_encoder_and_writes_checkpoi
     with pytest.raises(ValueError, match="holds no cases"):
         empty = tmp_path / "empty.json"
         empty.write_text("[]")
-        image_case_list(datalist=empty)
+        CaseList.images(datalist=empty)
 
 
 def test_whole_volume_inference_and_evaluation_on_the_original_grid(tmp_path):
@@ -252,11 +252,11 @@ def test_case_list_takes_the_dataset_modality_and_reports_missing_files(tmp_path
         ],
     }
     (tmp_path / "dataset.json").write_text(json.dumps(dataset))
-    cases = image_case_list(datalist=tmp_path / "dataset.json", data_list_key="validation", require_label=True)
+    cases = CaseList.images(datalist=tmp_path / "dataset.json", data_list_key="validation", require_label=True)
     assert [c["modality"] for c in cases.cases] == ["CT"]  # chooses the CT clamp, as in training
     assert len(cases.failures) == 2 and "no 'label' entry" in cases.failures[0]
     assert "missing.nii.gz" in cases.failures[1] and "missing_label.nii.gz" in cases.failures[1]
     with pytest.raises(RuntimeError, match="2 case\\(s\\) failed"):
         cases.raise_if_failed()
-    first = image_case_list(datalist=tmp_path / "dataset.json", data_list_key="validation", max_cases=1)
+    first = CaseList.images(datalist=tmp_path / "dataset.json", data_list_key="validation", max_cases=1)
     assert len(first.cases) == 1 and not first.failures and "label" in first.cases[0]

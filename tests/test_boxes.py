@@ -104,11 +104,11 @@ def test_box_forms_parse_and_land_on_the_right_voxels(tmp_path):
     from custom.transforms import ClicksToVoxelsd
 
     for entry in entries:
-        case = CaseList(input_dict=entry).cases[0]
+        case = CaseList.prompted(input_dict=entry).cases[0]
         image = MetaTensor(torch.ones(1, 20, 20, 10), affine=torch.as_tensor(affine))
         out = ClicksToVoxelsd()({**case, "image": image})
         np.testing.assert_allclose(out["objects"].objects[0].box, [[2, 3, 1], [8, 9, 4]], atol=1e-6)
-    bad = CaseList(input_dict={"image": path, "box": {"min": [5, 5, 5], "max": [1, 1, 1]}})
+    bad = CaseList.prompted(input_dict={"image": path, "box": {"min": [5, 5, 5], "max": [1, 1, 1]}})
     assert "is not a box" in bad.failures[0]
 
 

@@ -130,11 +130,11 @@ def test_bad_single_object_labels_are_named_and_the_rest_run(tmp_path, label):
 def test_dotdot_paths_stay_inside_the_output_folder(tmp_path):
     (tmp_path / "series" / "sub").mkdir(parents=True)
     _blob_image(tmp_path / "series" / "sub" / "img.nii.gz")
-    cases = CaseList(
+    cases = CaseList.prompted(
         input_dict={"image": str(tmp_path / "series" / "sub" / ".."), "points": [[1, 1, 1]], "point_labels": [1]}
     )
     assert cases.cases[0]["case"] == "series"
-    nasty = CaseList(
+    nasty = CaseList.prompted(
         input_dict={"image": str(tmp_path / "series"), "case": "../../etc", "points": [[1, 1, 1]], "point_labels": [1]}
     )
     assert nasty.cases[0]["case"] == "_.._etc"  # one file-name component: no separator, no leading dot

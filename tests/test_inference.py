@@ -212,7 +212,7 @@ def test_click_memory_and_mask_prompt_order():
 )
 def test_bad_prompts_are_named(tmp_path, entry, message):
     path = write_nifti(tmp_path / "case7.nii.gz", np.zeros((8, 8, 8)), np.eye(4))
-    cases = CaseList(input_dict=dict(entry, image=path))
+    cases = CaseList.prompted(input_dict=dict(entry, image=path))
     assert not cases.cases and len(cases.failures) == 1
     assert message in cases.failures[0] and "case7" in cases.failures[0]
     with pytest.raises(RuntimeError, match="1 case"):

@@ -26,7 +26,7 @@ def _case(tmp_path, **entry) -> dict:
     """A parsed case on a small NIfTI file (parsing checks that the image exists)."""
     path = tmp_path / "ct.nii.gz"
     nib.Nifti1Image(np.zeros((20, 16, 10), np.float32), AFFINE).to_filename(path)
-    return CaseList(input_dict={"image": str(path), **entry}).cases[0]
+    return CaseList.prompted(input_dict={"image": str(path), **entry}).cases[0]
 
 
 def test_world_clicks_become_stored_grid_voxels_once_and_the_request_is_kept(tmp_path):
