@@ -74,6 +74,29 @@ class NormalizeCropd(MapTransform):
         return d
 
 
+class StoredGridd(MapTransform):
+    """Orient the image (and labels) to RAS, then clamp the image by the item's modality: one deterministic
+    transform (a nested ``Compose`` counts as random to ``CacheDataset``, which would stop caching before it)."""
+
+    def __init__(
+        self,
+        image_key: str | None = "image",
+        label_keys: KeysCollection = (),
+        modality_key: str = "modality",
+        ranges: Mapping[str, Sequence[float]] | None = None,
+        in_place: bool = True,
+    ) -> None:
+        keys = [k for k in [image_key, *ensure_tuple(label_keys)] if k is not None]
+        super().__init__(keys)
+        self.orient = Orientationd(keys, axcodes="RAS", labels=None)
+        clamp = ClampByModalityd(image_key, modality_key, ranges or {}, in_place=in_place) if image_key else None
+        self.clamp = clamp
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = self.orient(data)
+        return self.clamp(d) if self.clamp is not None else dict(d)
+
+
 class NetworkInput:
     """The preprocessing of the network's input: its settings and, from them, the transforms of each stage.
 
@@ -100,14 +123,10 @@ class NetworkInput:
         label_keys: KeysCollection = (),
         modality_key: str = "modality",
         in_place: bool = True,
-    ) -> Compose:
+    ) -> StoredGridd:
         """On the stored voxels: the image (and labels) oriented to RAS, the image clamped by the item's modality
         (``in_place=False`` leaves the caller's tensor untouched)."""
-        keys = [k for k in [image_key, *ensure_tuple(label_keys)] if k is not None]
-        steps: list[MapTransform] = [Orientationd(keys, axcodes="RAS", labels=None)]
-        if image_key is not None:
-            steps.append(ClampByModalityd(image_key, modality_key, self.clamp_ranges, in_place=in_place))
-        return Compose(steps)
+        return StoredGridd(image_key, label_keys, modality_key, self.clamp_ranges, in_place)
 
     def resampling(self, keys: KeysCollection = "image", mode: Sequence[str] | str = "bilinear") -> AxisAlignedSpacingd:
         """To the network's spacing: ``"bilinear"`` for images, ``"nearest"`` for labels (one per key or one)."""

@@ -70,3 +70,15 @@ def test_the_stored_voxels_are_clamped_and_oriented_as_nibabel_says_and_the_call
     kept = ras.clone()
     predictor.set_image(ras, modality="CT")  # already RAS: orientation hands back the same storage
     assert torch.equal(ras.as_tensor(), kept.as_tensor())
+
+
+def test_training_caches_the_whole_deterministic_part():
+    from monai.transforms import RandomizableTrait, Transform
+
+    from custom.preprocessing import StoredGridd
+
+    cached = _config("train.json").get_parsed_content("cached_transforms")
+    # CacheDataset keeps the transforms before the first random (or non-Transform) one: all of these
+    first_random = cached.get_index_of_first(lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
+    assert first_random is None, cached.transforms[first_random]
+    assert any(isinstance(t, StoredGridd) for t in cached.transforms)
