@@ -22,12 +22,13 @@ from monai.engines import IterationEvents, SupervisedEvaluator, SupervisedTraine
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from .cases import box_from_challenge
 from .interaction import simulate_interaction
 from .networks.common import as_flag
 from .networks.sam_med3d import mask_prompt_logits, upsample_logits
 from .precision import autocast, check_autocast_dtype
 from .predictor import VolumetricPredictor
-from .prompts import check_click_memory, mask_box, simulated_click
+from .prompts import challenge_box, check_click_memory, mask_box, simulated_click
 from .seeding import seeded_generator
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ def simulate_boxes(target: torch.Tensor, generator: torch.Generator | None) -> t
     ``(B, 2)`` (``BOX_MIN``, ``BOX_MAX``; padding for an empty target). Half of the boxes are the target's 3D
     extent with a random margin of up to 5 % of the window per side, half the CVPR 2025 challenge's box
     widened by 0 to 6 voxels per 256 of the window."""
-    from .cases import box_from_challenge
     from .networks.prompt_encoder import BOX_MAX, BOX_MIN
-    from .prompts import challenge_box
 
     b, *size = target.shape
     coords = torch.zeros(b, 2, 3, device=target.device)

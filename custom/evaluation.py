@@ -28,9 +28,10 @@ from monai.metrics import compute_surface_dice
 from scipy import ndimage
 from torch import nn
 
+from .cases import box_from_challenge
 from .interaction import simulate_interaction
 from .predictor import VolumetricPredictor
-from .prompts import mask_box, simulated_click
+from .prompts import axial_axis, challenge_box, mask_box, simulated_click
 from .reports import EvaluationReport
 from .seeding import seeded_generator
 
@@ -219,9 +220,6 @@ class ClickEvaluationStep:
         axis that ``affine`` runs most nearly head to foot), then ``num_clicks`` steps
         that refine every class at once, each click at the centre of the largest component of that class's error
         on the multi-class prediction (:func:`custom.prompts.largest_error_click`). Scores on that prediction."""
-        from .cases import box_from_challenge
-        from .prompts import axial_axis, challenge_box
-
         axial = axial_axis(affine)
         rows: list[dict[str, Any]] = []
         order = [(c, c) for c in sorted(classes)]

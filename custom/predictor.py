@@ -120,7 +120,6 @@ class VolumetricPredictor:
         self.network = network
         # the image's preparation and each window's normalisation, as the training transforms do them
         self.network_input = NetworkInput(spacing_mm, intensity_clamp_by_modality, intensity_normalization)
-        self.spacing_mm = self.network_input.spacing_mm
         self.size = int(roi_size or network.img_size)
         self.stride = int(stride or self.size // 2)
         self.max_windows = max_windows
@@ -137,6 +136,11 @@ class VolumetricPredictor:
         self.embeddings: OrderedDict[tuple[int, int, int], torch.Tensor] = OrderedDict()
         self.objects: dict[Any, _Object] = {}
         self.embeddings_computed = 0
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """The network grid's voxel size (mm), per array axis."""
+        return self.network_input.spacing_mm
 
     # ----------------------------------------------------------------------------------------------- image
 

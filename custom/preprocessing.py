@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Compose, MapTransform, Orientationd
+from monai.transforms import MapTransform, Orientationd
 from monai.utils import ensure_tuple
 
 from .spacing import AxisAlignedSpacingd
@@ -89,8 +89,7 @@ class StoredGridd(MapTransform):
         keys = [k for k in [image_key, *ensure_tuple(label_keys)] if k is not None]
         super().__init__(keys)
         self.orient = Orientationd(keys, axcodes="RAS", labels=None)
-        clamp = ClampByModalityd(image_key, modality_key, ranges or {}, in_place=in_place) if image_key else None
-        self.clamp = clamp
+        self.clamp = ClampByModalityd(image_key, modality_key, ranges or {}, in_place) if image_key else None
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = self.orient(data)
@@ -132,12 +131,10 @@ class NetworkInput:
         """To the network's spacing: ``"bilinear"`` for images, ``"nearest"`` for labels (one per key or one)."""
         return AxisAlignedSpacingd(keys, self.spacing_mm, mode=mode)
 
-    def window_normalization(self, keys: KeysCollection = "image") -> MapTransform | Compose:
-        """Each window's intensities normalised (nothing when ``intensity_normalization`` is None)."""
-        if self.intensity_normalization is None:
-            return Compose([])
-        return NormalizeCropd(keys, self.intensity_normalization)
+    def window_normalization(self, keys: KeysCollection = "image") -> NormalizeCropd:
+        """Each window's intensities normalised (:meth:`normalize_window`)."""
+        return NormalizeCropd(keys, self.normalize_window)
 
     def normalize_window(self, crop: torch.Tensor) -> torch.Tensor:
-        """The same on one window tensor (the predictor's)."""
+        """One window tensor normalised (unchanged when ``intensity_normalization`` is None)."""
         return crop if self.intensity_normalization is None else self.intensity_normalization(crop)

@@ -280,27 +280,25 @@ class EvaluationReport:
     def _name(self, label: str) -> str:
         return self.class_names.get(label, f"class {label}")
 
+    def _block(
+        self, title: str, per_class: Mapping[str, Any], total: str, overall: Mapping[str, Any], count: str, keys
+    ) -> list[str]:
+        """A table's header, a row per class, and the ``total`` row (``overall``'s scores, its ``count``)."""
+        rows = [(self._name(label), scores["targets"], scores) for label, scores in per_class.items()]
+        lines = [f"{title:<20}{'n':>5}" + "".join(f"{k:>10}" for k in keys)]
+        for name, n, scores in [*rows, (total, overall[count], overall)]:
+            lines.append(f"{name:<20}{n:>5}" + "".join(f"{scores[k]:>10.3f}" for k in keys))
+        return lines
+
     def table(self, summary: Mapping[str, Any]) -> str:
         keys = [
             k for k in ("dice@1", "dice@3", "dice@5", "dice@10", "nsd@1", "nsd@5", "NoC@85") if k in summary["overall"]
         ]
-        lines = [f"{'target':<20}{'n':>5}" + "".join(f"{k:>10}" for k in keys)]
-        for label, scores in summary["per_class"].items():
-            lines.append(
-                f"{self._name(label):<20}{scores['targets']:>5}" + "".join(f"{scores[k]:>10.3f}" for k in keys)
-            )
-        overall = summary["overall"]
-        lines.append(f"{'overall':<20}{overall['targets']:>5}" + "".join(f"{overall[k]:>10.3f}" for k in keys))
+        lines = self._block("target", summary["per_class"], "overall", summary["overall"], "targets", keys)
         challenge = summary.get("cvpr25")
         if challenge and challenge["overall"].get("cases"):
             names = ("DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final")
-            lines.append(f"{'CVPR25':<20}{'n':>5}" + "".join(f"{k:>10}" for k in names))
-            for label, scores in challenge["per_class"].items():
-                lines.append(
-                    f"{self._name(label):<20}{scores['targets']:>5}" + "".join(f"{scores[k]:>10.3f}" for k in names)
-                )
-            overall = challenge["overall"]
-            lines.append(f"{'cases':<20}{overall['cases']:>5}" + "".join(f"{overall[k]:>10.3f}" for k in names))
+            lines += self._block("CVPR25", challenge["per_class"], "cases", challenge["overall"], "cases", names)
         timing = summary.get("seconds_per_click")
         if timing and timing["clicks"]:
             lines.append(
