@@ -65,14 +65,16 @@ def resample_axis_aligned(
     for s, t, n_out in zip(scale, shift, out_shape):
         n_in = out.shape[1]
         coords = source_coordinates(s, t, n_out, n_in)
-        if mode == "nearest":
+        if torch.equal(coords, torch.arange(n_in, dtype=coords.dtype)):
+            pass  # the axis keeps its voxels (a scan already at the target spacing): only the rotation is needed
+        elif mode == "nearest":
             out = out.index_select(1, coords.round().long().to(image.device))
         else:
             lower = coords.floor().clamp(max=max(n_in - 2, 0)).long()
             weight = (coords - lower).to(torch.float32).reshape(1, n_out, 1, 1).to(image.device)
             upper = (lower + 1).clamp(max=n_in - 1).to(image.device)
             lower = lower.to(image.device)
-            out = torch.lerp(out.index_select(1, lower), out.index_select(1, upper), weight)
+            out = out.index_select(1, lower).lerp_(out.index_select(1, upper), weight)
         out = out.permute(0, 2, 3, 1).contiguous()
     return out
 

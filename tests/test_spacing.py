@@ -28,6 +28,8 @@ def _labels_like(image: MetaTensor) -> torch.Tensor:
 AXIS_ALIGNED = {
     "ct_like": np.diag([0.8, 0.8, 5.0, 1.0]),
     "flipped_and_shifted": np.array([[-0.9, 0, 0, 40.0], [0, 1.3, 0, -12.5], [0, 0, 2.5, 7.0], [0, 0, 0, 1]]),
+    # axes already at the target spacing keep their voxels (the resampler skips them): one plain, one flipped
+    "two_axes_at_target": np.array([[0.8, 0, 0, 3.0], [0, -1.5, 0, 20.0], [0, 0, 1.5, -4.0], [0, 0, 0, 1]]),
 }
 
 
