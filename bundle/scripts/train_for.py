@@ -9,6 +9,9 @@ why a fixed epoch count does not do: on a machine lent for minutes the speed is 
 ``1 - validation_share`` of it for training); validation runs at the first epoch end after every
 ``validate_every_s`` seconds and once at the end (``SaveBestModel`` keeps ``model.pt`` on the key metric as in
 ``train.json``); the per-epoch training state is not written (a short epoch would write it every few seconds).
+Every validation row also says where an iteration's time went so far: waiting for the batch (``data_s_per_iteration``)
+or computing the step (``step_s_per_iteration``), Ignite's ``HandlersTimeProfiler`` means; a lent GPU that waits on the
+data loader shows it here.
 
 Writes into ``output_dir``: ``model.pt`` (best validation), ``model.json``, ``model_final.pt`` (the last weights,
 training format) and ``history.json`` (every validation: metrics, iteration, seconds, learning rate).
@@ -47,6 +50,7 @@ def train_for(
     validation history. ``iterations`` fixes the schedule's length instead of fitting it to the time (to repeat an
     earlier run's schedule, as its log's "N iterations" line gives it, at an equal budget on a busier machine)."""
     from ignite.engine import Events
+    from ignite.handlers import HandlersTimeProfiler
     from monai.bundle import ConfigParser
 
     from custom.files import write_text_atomic
@@ -84,6 +88,14 @@ def train_for(
     logger = logging.getLogger("train_for")
     history: list[dict] = []
     progress = {"timed_from": None, "last_validation": None, "losses": []}
+    profiler = HandlersTimeProfiler()
+    profiler.attach(trainer)
+
+    def time_split() -> dict:
+        """Mean seconds per iteration so far spent waiting for the batch and computing the step."""
+        rows = {row[0]: row for row in profiler.get_results()}
+        means = {"data_s_per_iteration": rows["Dataflow"][5], "step_s_per_iteration": rows["Processing"][5]}
+        return {key: round(value, 4) for key, value in means.items() if isinstance(value, float)}
 
     def validate(engine) -> None:
         began = clock()
@@ -95,6 +107,7 @@ def train_for(
             seconds=round(clock() - start, 1),
             validation_seconds=round(clock() - began, 1),
             lr=scheduler.get_last_lr()[0],
+            **time_split(),
         )
         history.append(row)
         logger.info(f"validation {json.dumps(row)}")
