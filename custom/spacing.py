@@ -76,7 +76,8 @@ def resample_axis_aligned(
             lower = lower.to(image.device)
             out = out.index_select(1, lower).lerp_(out.index_select(1, upper), weight)
         out = out.permute(0, 2, 3, 1).contiguous()
-    return out
+    # every axis kept and the rotations all views (size-1 axes): still a new tensor, as every other call returns
+    return out.clone() if out.data_ptr() == image.data_ptr() else out
 
 
 class AxisAlignedSpacingd(MapTransform, InvertibleTransform):

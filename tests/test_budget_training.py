@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -101,13 +102,16 @@ def _train_for_10_steps(out, **settings) -> list[dict]:
 @pytest.mark.slow
 def test_a_time_boxed_run_fits_its_schedule_to_the_budget_and_keeps_the_best(tmp_path):
     out = tmp_path / "run"
+    started = time.perf_counter()
     history = _train_for_10_steps(out, validate_every_s=3, val_max_targets=2)
+    real_seconds = time.perf_counter() - started
     assert json.loads((out / "history.json").read_text()) == history
     assert len(history) >= 2, history  # at least one timed validation and the final one
     assert all("val_dice_1click" in row and "val_dice_5clicks" in row for row in history)
-    # where the time went (Ignite's profiler, real time: the step clock above only drives the budget)
-    assert all(row["data_s_per_iteration"] > 0 and row["step_s_per_iteration"] > 0 for row in history)
-    assert history[-1]["step_s_per_iteration"] > history[-1]["data_s_per_iteration"]  # num_workers=0, tiny crops
+    # where the time went (Ignite's profiler, real time: the step clock above only drives the budget): the batch
+    # (num_workers=0, tiny crops) is a small part of the iteration, and the iterations fit in the run's real time
+    assert all(0 < row["data_s_per_iteration"] < 0.5 * row["iteration_s"] for row in history)
+    assert history[-1]["iteration_s"] * history[-1]["iteration"] < real_seconds
     assert history[-1]["lr"] < 0.2 * 8e-4, "the cosine schedule was not fitted to the budget"
     assert history[-2]["lr"] > history[-1]["lr"]
     best = json.loads((out / "model.json").read_text())

@@ -103,3 +103,22 @@ def test_unknown_mode_is_named():
 
     with pytest.raises(ValueError, match="'bicubic'"):
         resample_axis_aligned(torch.zeros(1, 4, 4, 4), (1, 1, 1), (0, 0, 0), (4, 4, 4), "bicubic")
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_an_axis_at_the_target_spacing_is_not_resampled(mode, monkeypatch):
+    """Identity source coordinates cost no lookups: the values come back unchanged, in a new tensor."""
+    from custom.spacing import resample_axis_aligned
+
+    values = torch.arange(2 * 3 * 1 * 1, dtype=torch.float32).reshape(1, 2, 3, 1) * 1.5
+    for shape in ((1, 2, 3, 1), (1, 1, 1, 9)):
+        volume = torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(shape)
+        lookups = []
+        original = torch.Tensor.index_select
+        monkeypatch.setattr(torch.Tensor, "index_select", lambda t, *a: lookups.append(a) or original(t, *a))
+        out = resample_axis_aligned(volume, (1, 1, 1), (0, 0, 0), shape[1:], mode)
+        monkeypatch.undo()
+        assert lookups == [] and torch.equal(out, volume) and out.data_ptr() != volume.data_ptr()
+    # a shift by whole voxels is a lookup, not the identity
+    out = resample_axis_aligned(values, (1, 1, 1), (1, 0, 0), (2, 3, 1), mode)
+    assert torch.equal(out[0, 0], values[0, 1]) and torch.equal(out[0, 1], values[0, 1])  # clamped at the border

@@ -9,9 +9,10 @@ why a fixed epoch count does not do: on a machine lent for minutes the speed is 
 ``1 - validation_share`` of it for training); validation runs at the first epoch end after every
 ``validate_every_s`` seconds and once at the end (``SaveBestModel`` keeps ``model.pt`` on the key metric as in
 ``train.json``); the per-epoch training state is not written (a short epoch would write it every few seconds).
-Every validation row also says where an iteration's time went so far: waiting for the batch (``data_s_per_iteration``)
-or computing the step (``step_s_per_iteration``), Ignite's ``HandlersTimeProfiler`` means; a lent GPU that waits on the
-data loader shows it here.
+Every validation row also says where an iteration's time went so far, from Ignite's ``HandlersTimeProfiler``: waiting
+for the batch (``data_s_per_iteration``) out of the whole iteration (``iteration_s``: the step and the per-iteration
+handlers; on a GPU the step's queued work ends at the loss read of the iteration handler, so it is counted there); a
+lent GPU that waits on the data loader shows it here.
 
 Writes into ``output_dir``: ``model.pt`` (best validation), ``model.json``, ``model_final.pt`` (the last weights,
 training format) and ``history.json`` (every validation: metrics, iteration, seconds, learning rate).
@@ -34,6 +35,8 @@ sys.path.insert(0, str(BUNDLE_ROOT.parent))
 
 # handlers that a time-boxed run replaces: per-epoch state (100 MB each), per-iteration loss lines
 _REPLACED_HANDLERS = ("custom.checkpoints.SaveLatestCheckpoint", "StatsHandler", "TensorBoardStatsHandler")
+# the events whose handlers run once per iteration (their time belongs to the iteration's)
+_PER_ITERATION_EVENTS = ("GET_BATCH_STARTED", "GET_BATCH_COMPLETED", "ITERATION_STARTED", "ITERATION_COMPLETED")
 
 
 def train_for(
@@ -91,11 +94,17 @@ def train_for(
     profiler = HandlersTimeProfiler()
     profiler.attach(trainer)
 
-    def time_split() -> dict:
-        """Mean seconds per iteration so far spent waiting for the batch and computing the step."""
-        rows = {row[0]: row for row in profiler.get_results()}
-        means = {"data_s_per_iteration": rows["Dataflow"][5], "step_s_per_iteration": rows["Processing"][5]}
-        return {key: round(value, 4) for key, value in means.items() if isinstance(value, float)}
+    def time_split(iterations: int) -> dict:
+        """Seconds per iteration so far: waiting for the batch, and the whole iteration (profiler rows are
+        ``[name, event, total, min, max, mean, std]``; totals are "not triggered" for what never ran)."""
+        rows = profiler.get_results()
+        totals = {row[0]: row[2] for row in rows if row[0] in ("Processing", "Dataflow")}
+        handlers = [row[2] for row in rows if row[1] in _PER_ITERATION_EVENTS]
+        if iterations < 1 or not isinstance(totals["Processing"], float):
+            return {}
+        data = totals["Dataflow"] if isinstance(totals["Dataflow"], float) else 0.0
+        whole = totals["Processing"] + data + sum(t for t in handlers if isinstance(t, float))
+        return {"data_s_per_iteration": round(data / iterations, 4), "iteration_s": round(whole / iterations, 4)}
 
     def validate(engine) -> None:
         began = clock()
@@ -107,7 +116,7 @@ def train_for(
             seconds=round(clock() - start, 1),
             validation_seconds=round(clock() - began, 1),
             lr=scheduler.get_last_lr()[0],
-            **time_split(),
+            **time_split(engine.state.iteration),
         )
         history.append(row)
         logger.info(f"validation {json.dumps(row)}")
