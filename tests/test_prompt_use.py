@@ -25,10 +25,10 @@ ANTERIOR, POSTERIOR = 1, 2
 
 
 def _cases(*not_yet: str) -> list:
-    """The cases, those in ``not_yet`` marked as a strict expected failure: the shipped model 0.5.0 does not meet
-    that check on that case yet (issue 26, open). Strict: the mark fails the suite once the model passes, so it
-    comes off with the model that earns it."""
-    reason = "shipped model 0.5.0 does not follow this prompt on this case yet (issue 26)"
+    """The cases, those in ``not_yet`` marked as a strict expected failure: the shipped model (bundle 0.5.1, 0.5.0's
+    weights) does not meet that check on that case yet (issue 26, open). Strict: the mark fails the suite once the
+    model passes, so it comes off with the model that earns it."""
+    reason = "shipped model (0.5.0's weights) does not follow this prompt on this case yet (issue 26)"
     return [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=reason)) if c in not_yet else c for c in CASES]
 
 

@@ -90,4 +90,5 @@ def test_default_inference_on_the_shipped_sample(tmp_path):
 
 
 # the regression guard: set from the shipped model's measured result (see bundle/docs/README.md)
-MIN_SAMPLE_DICE = 0.55  # measured 0.58 for the shipped model 0.5.0 (0.33 for 0.4.0, 0.48 for 0.3.0; target 0.7)
+# measured 0.58 for the shipped weights 0.5.0, also in bundle 0.5.1 (0.33 for 0.4.0, 0.48 for 0.3.0; target 0.7)
+MIN_SAMPLE_DICE = 0.55
