@@ -83,14 +83,8 @@ class CaseList:
         Raises:
             ValueError: nothing to segment.
         """
-        entries: list[tuple[Any, Path | None]] = []
-        if input_dict:
-            entries.append((input_dict, Path(base_dir) if base_dir else None))
-        if datalist:
-            raw, folder = read_datalist(datalist, data_list_key)
-            entries.extend((entry, Path(base_dir) if base_dir else folder) for entry in raw)
-        if not entries:
-            raise ValueError("nothing to segment: give --input_dict or --datalist")
+        raw = _given_entries(input_dict, datalist, data_list_key, base_dir)
+        entries = [(entry, folder) for entry, folder, _ in raw]
         cases = cls()
         images: list[Path | None] = []
         for entry, folder in entries:
@@ -162,17 +156,13 @@ class CaseList:
         Raises:
             ValueError: nothing to segment (no input, an empty datalist, ``max_cases < 1``).
         """
-        entries: list[tuple[Any, Path | None, str]] = [(input_dict, None, "")] if input_dict else []
-        if datalist:
-            raw, folder = read_datalist(datalist, data_list_key)
-            default_modality = dataset_modality(datalist)
-            entries.extend((entry, folder, default_modality) for entry in raw)
-        if max_cases is not None:
-            if max_cases < 1:
-                raise ValueError(f"max_cases must be >= 1 or None, got {max_cases!r}")
-            entries = entries[:max_cases]
-        if not entries:
-            raise ValueError("nothing to segment: give --input_dict or --datalist")
+        if max_cases is not None and max_cases < 1:
+            raise ValueError(f"max_cases must be >= 1 or None, got {max_cases!r}")
+        listed_modality = dataset_modality(datalist) if datalist else ""
+        entries = [
+            (entry, folder, listed_modality if listed else "")
+            for entry, folder, listed in _given_entries(input_dict, datalist, data_list_key)
+        ][:max_cases]
         cases = cls()
         valid = []
         for entry, folder, default_modality in entries:
@@ -212,6 +202,28 @@ class CaseList:
         """Raise (non-zero exit of ``monai.bundle run``) when any case failed."""
         if self.failures:
             raise RuntimeError(f"{len(self.failures)} case(s) failed:\n  " + "\n  ".join(self.failures))
+
+
+def _given_entries(
+    input_dict: Mapping[str, Any] | None,
+    datalist: str | os.PathLike | None,
+    data_list_key: str | None,
+    base_dir: str | os.PathLike | None = None,
+) -> list[tuple[Any, Path | None, bool]]:
+    """A run's raw entries, ``input_dict`` first and then the datalist's, each with the folder its relative paths
+    start from (``base_dir`` if given, else the datalist's own) and whether it came from the datalist.
+
+    Raises:
+        ValueError: neither gives an entry.
+    """
+    base = Path(base_dir) if base_dir else None
+    entries: list[tuple[Any, Path | None, bool]] = [(input_dict, base, False)] if input_dict else []
+    if datalist:
+        raw, folder = read_datalist(datalist, data_list_key)
+        entries.extend((entry, base or folder, True) for entry in raw)
+    if not entries:
+        raise ValueError("nothing to segment: give --input_dict or --datalist")
+    return entries
 
 
 #: the key of the item :class:`FaultTolerantDataset` yields for a case that failed
